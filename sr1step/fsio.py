@@ -14,6 +14,15 @@ from pathlib import Path
 from typing import IO
 
 
+def _make_temp(target: Path) -> tuple[int, str]:
+    fd, tmp_name = _make_temp(target)
+    # mkstemp creates 0600; outputs get the usual permissions (0666 minus the umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_name, 0o666 & ~umask)
+    return fd, tmp_name
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]:
     """Open a temp file next to ``path`` for writing; on success it replaces ``path`` in one step.
@@ -21,7 +30,7 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]
     On any exception the temp file is removed and ``path`` is left as it was.
     """
     target = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp_name = _make_temp(target)
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
@@ -51,7 +60,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     The caller writes to the yielded path; on success it is renamed onto ``path``.
     """
     target = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp_name = _make_temp(target)
     os.close(fd)
     try:
         yield Path(tmp_name)
