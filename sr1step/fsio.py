@@ -15,7 +15,7 @@ from typing import IO
 
 
 def _make_temp(target: Path) -> tuple[int, str]:
-    fd, tmp_name = _make_temp(target)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     # mkstemp creates 0600; outputs get the usual permissions (0666 minus the umask).
     umask = os.umask(0)
     os.umask(umask)
