@@ -40,3 +40,44 @@ def tiny_vq(seed: int = 0, n_embed: int = 64) -> VQAutoencoder:
         ddconfig={"ch": 32, "ch_mult": [1, 1, 1], "num_res_blocks": 1, "resolution": 64},
     )
     return vq.eval()
+
+
+class LocalUNet(torch.nn.Module):
+    """A denoiser with a small receptive field (two 3x3 convs) and the ResShiftUNet calling convention.
+
+    With a model this local, a tiled run must equal the untiled run wherever the blend ignores tile margins.
+    """
+
+    def __init__(self, noise_channels: int = 1, seed: int = 0) -> None:
+        super().__init__()
+        from types import SimpleNamespace
+
+        torch.manual_seed(seed)
+        self.config = SimpleNamespace(size_multiple=1, lq_stages=0, noise_channels=noise_channels)
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(6 + noise_channels, 16, 3, padding=1),
+            torch.nn.SiLU(),
+            torch.nn.Conv2d(16, 3, 3, padding=1),
+        )
+
+    def forward(self, x, t, lq=None, noise=None):
+        planes = [x, lq] + ([noise] if noise is not None else [])
+        return self.net(torch.cat(planes, dim=1))
+
+
+class LocalVQ(torch.nn.Module):
+    """f4 'autoencoder' with a 4x4-block receptive field: average-pool + 1x1 conv, 1x1 conv + nearest upsample."""
+
+    downsample_factor = 4
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.enc = torch.nn.Conv2d(3, 3, 1)
+        self.dec = torch.nn.Conv2d(3, 3, 1)
+
+    def encode(self, x):
+        return self.enc(torch.nn.functional.avg_pool2d(x, 4))
+
+    def decode(self, z, quantize=True):
+        return torch.tanh(torch.nn.functional.interpolate(self.dec(z), scale_factor=4, mode="nearest"))
