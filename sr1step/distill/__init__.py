@@ -1,0 +1,1 @@
+"""Distillation of one-step students (``sr1step distill``): data, degradations, losses and the trainer."""
