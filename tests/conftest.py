@@ -40,3 +40,36 @@ def small_vq(resshift_fixtures: Path):
     from sr1step.checkpoints import load_model
 
     return load_model(resshift_fixtures / "vq_small.safetensors", expect="vq-autoencoder").module
+
+
+@pytest.fixture
+def file_server():
+    """A loopback HTTP file server with Range support and fault injection (tests/fakehub.py)."""
+    from fakehub import FileServer
+
+    with FileServer() as server:
+        yield server
+
+
+@pytest.fixture
+def fake_hub(file_server):
+    """A loopback fake Hugging Face Hub whose LFS downloads redirect to ``file_server`` (tests/fakehub.py)."""
+    from fakehub import FakeHub
+
+    with FakeHub(file_server) as hub:
+        yield hub
+
+
+@pytest.fixture(scope="session")
+def tiny_model_files(tmp_path_factory) -> dict[str, Path]:
+    """Self-describing safetensors of a tiny RSD-style x4 student and a tiny VQ-f4 (random weights)."""
+    from tiny import tiny_unet, tiny_vq
+
+    from sr1step.checkpoints import InferenceSpec, export_safetensors
+
+    folder = tmp_path_factory.mktemp("tiny_models")
+    unet = export_safetensors(
+        tiny_unet(noise_channels=1), folder / "student.safetensors", InferenceSpec(family="rsd", scale=4)
+    )
+    vq = export_safetensors(tiny_vq(), folder / "vq.safetensors")
+    return {"unet": unet, "vae": vq}
