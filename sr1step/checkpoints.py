@@ -111,6 +111,9 @@ class ModelDescriptor:
     inference: InferenceSpec | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # True when the inference settings were read from the file's own metadata (sr1step or sorryhyun format),
+    # False when they were guessed from the weights' layout alone.
+    inference_from_metadata: bool = False
 
     def summary(self) -> str:
         if self.arch == "resshift-unet":
@@ -433,7 +436,10 @@ def _detect_resshift_unet(
         else:
             cfg = _infer_unet_config(state, metadata, source)
         inference, notes = _infer_unet_inference(cfg, metadata)
-    return ModelDescriptor("resshift-unet", cfg.to_dict(), source, inference, dict(metadata), notes)
+    from_metadata = (own is not None and own[1] is not None) or inference.family == "sorryhyun"
+    return ModelDescriptor(
+        "resshift-unet", cfg.to_dict(), source, inference, dict(metadata), notes, from_metadata
+    )
 
 
 def _infer_vq_config(state: dict[str, Tensor], source: str) -> VQAutoencoderConfig:

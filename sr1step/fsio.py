@@ -14,12 +14,16 @@ from pathlib import Path
 from typing import IO
 
 
+def _default_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _make_temp(target: Path) -> tuple[int, str]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     # mkstemp creates 0600; outputs get the usual permissions (0666 minus the umask).
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_name, 0o666 & ~umask)
+    os.chmod(tmp_name, _default_mode())
     return fd, tmp_name
 
 
@@ -66,6 +70,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield Path(tmp_name)
         with open(tmp_name, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp_name, _default_mode())  # some writers (safetensors) recreate the file as 0600
         os.replace(tmp_name, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

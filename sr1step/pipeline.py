@@ -226,10 +226,20 @@ class Upscaler:
         spec = str(model) if model is not None else weights.default_model_for_scale(scale)
         resolved = weights.resolve_model(spec, offline=offline, progress=progress)
         loaded = load_model(weights.converted_path(resolved), expect="resshift-unet")
-        inference = loaded.descriptor.inference or InferenceSpec()
+        descriptor = loaded.descriptor
+        inference = descriptor.inference or InferenceSpec()
         entry = resolved.entry
-        if entry is not None:
-            inference = weights.apply_entry_inference(entry, inference)
+        if entry is not None and entry.arch == "resshift-unet":
+            # The file's own metadata wins; a bare checkpoint takes the registry's settings.
+            registry = weights.inference_spec(entry)
+            inference = (
+                replace(inference, scale=inference.scale or registry.scale)
+                if (descriptor.inference_from_metadata)
+                else registry
+            )
+        for note in descriptor.notes:
+            if not (entry is not None and "6-channel" in note):
+                (warn or (lambda message: None))(f"{spec}: {note}")
         if inference.scale is None:
             inference = replace(inference, scale=scale)
         if steps is not None:
