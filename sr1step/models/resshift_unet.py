@@ -512,7 +512,10 @@ class ResShiftUNet(nn.Module):
             cfg = ResShiftUNetConfig.from_dict(cfg)
         return cls(**cfg.to_dict())
 
-    def forward(self, x: Tensor, t: Tensor, lq: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
+    def _embed_inputs(
+        self, x: Tensor, t: Tensor, lq: Tensor | None, noise: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """Check sizes, embed the timestep and assemble the first conv's input planes."""
         cfg = self.config
         multiple = cfg.size_multiple
         if x.shape[-2] % multiple or x.shape[-1] % multiple:
@@ -522,7 +525,6 @@ class ResShiftUNet(nn.Module):
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, cfg.model_channels).to(self.time_embed[0].weight.dtype))
-
         inputs = [x]
         if cfg.cond_lq:
             if lq is None:
@@ -539,15 +541,39 @@ class ResShiftUNet(nn.Module):
                 raise ValueError(f"this student takes a {cfg.noise_channels}-channel noise input: pass noise")
             if cfg.noise_mode == "concat":
                 inputs.append(noise.to(x.dtype))
-        h = torch.cat(inputs, dim=1) if len(inputs) > 1 else x
+        return (torch.cat(inputs, dim=1) if len(inputs) > 1 else x), emb
 
+    def _encode(
+        self, h: Tensor, emb: Tensor, noise: Tensor | None, taps: dict[str, Tensor] | None
+    ) -> list[Tensor]:
+        cfg = self.config
         skips = []
         for index, block in enumerate(self.input_blocks):
             h = block(h, emb)
             if index == 0 and cfg.noise_channels and cfg.noise_mode == "add":
                 h = h + self.noise_proj(noise.to(h.dtype))
             skips.append(h)
-        h = self.middle_block(h, emb)
+            if taps is not None:
+                taps[f"input_blocks.{index}"] = h
+        return skips
+
+    def forward(self, x: Tensor, t: Tensor, lq: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
+        h, emb = self._embed_inputs(x, t, lq, noise)
+        skips = self._encode(h, emb, noise, None)
+        h = self.middle_block(skips[-1], emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
         return self.out(h)
+
+    def encoder_features(
+        self, x: Tensor, t: Tensor, lq: Tensor | None = None, noise: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """The encoder path only: every input block's output (``input_blocks.i``) and ``middle_block``.
+
+        Used by discriminators built on a (frozen) denoiser: RSD's head on the bottleneck, TAD-SR's taps.
+        """
+        h, emb = self._embed_inputs(x, t, lq, noise)
+        taps: dict[str, Tensor] = {}
+        skips = self._encode(h, emb, noise, taps)
+        taps["middle_block"] = self.middle_block(skips[-1], emb)
+        return taps
