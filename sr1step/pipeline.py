@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -29,11 +30,14 @@ from torch import Tensor
 
 from sr1step import diffusion as D
 from sr1step.checkpoints import InferenceSpec, LoadedModel, load_model
-from sr1step.errors import ConfigError, Sr1stepError
+from sr1step.errors import CheckpointError, ConfigError, Sr1stepError
 from sr1step.models import ResShiftUNet, VQAutoencoder
 from sr1step.tiling import BlockNoise, FieldNoise, Tile, blend_window, crop_reflect, plan_tiles
 
 ProgressCallback = Callable[[int, int], None]
+
+# Upscalers of architectures outside the ResShift family: arch → "module:class" with a ``from_loaded`` builder.
+OTHER_ARCHITECTURES = {"yonos-sd": "sr1step.models.yonos:YonosUpscaler"}
 
 DEFAULT_TILE = (
     256  # LR px: a 1024² HR tile at ×4 (the VQ decoder at that size fits a few GB in half precision)
@@ -143,132 +147,23 @@ class UpscaleResult:
 # --------------------------------------------------------------------------------------------- upscaler
 
 
-@dataclass
-class Upscaler:
-    """A loaded one-step (or multi-step teacher) ResShift-family model with its VQ autoencoder.
+class TiledUpscaler:
+    """The model-independent half of inference: tiling, shared noise, blending, banded output, OOM retries.
 
-    Call it on a PIL image, or use :meth:`upscale_array` / :meth:`upscale_tensor` for arrays and tensors.
+    Subclasses set ``scale``, ``device``, ``dtype``, ``tiles``, ``seed``, ``info``, ``warn``, ``lr_multiple`` (LR
+    tile sizes are multiples of it) and ``noise_align`` (tile starts are multiples of it, so latent grids line up),
+    and implement :meth:`_forward_tiles`.
     """
 
-    unet: ResShiftUNet
-    vae: VQAutoencoder
-    inference: InferenceSpec
-    scale: int = 4
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    dtype: torch.dtype = torch.float32
-    tiles: TileSettings = field(default_factory=TileSettings)
-    seed: int | None = None
-    info: dict[str, Any] = field(default_factory=dict)
-    warn: Callable[[str], None] = lambda message: None
-
-    def __post_init__(self) -> None:
-        if self.inference.scale is not None and self.inference.scale != self.scale:
-            raise ConfigError(
-                f"the model is a ×{self.inference.scale} model but ×{self.scale} was asked for; use -x {self.inference.scale}"
-            )
-        self.schedule = D.ResShiftSchedule(**self.inference.schedule)
-        self.unet = self.unet.to(self.device).eval().requires_grad_(False)
-        # The VQ runs natively in the compute dtype (SinSR/ComfyUI practice); the UNet keeps fp32 weights and runs
-        # under autocast (ResShift practice), its GroupNorms and softmax in fp32.
-        self.vae = self.vae.to(self.device, self.dtype).eval().requires_grad_(False)
-        factor = self.vae.downsample_factor
-        if (
-            self.scale * 1.0 / factor
-        ) * 2**self.unet.config.lq_stages != 1 and self.inference.lq_mode == "lr":
-            # lq = LR tile must be 2**lq_stages × the latent (= LR·s/f): only x4 with f4 (or x2 with the x2 config)
-            raise ConfigError(
-                f"a model fed the LR tile needs scale·2^stages = f (here {self.scale}·{2**self.unet.config.lq_stages} "
-                f"vs f{factor}); this model cannot run at ×{self.scale}"
-            )
-        latent_multiple = self.unet.config.size_multiple
-        self.lr_multiple = max(1, latent_multiple * factor // self.scale)
-        if self.info is None:
-            self.info = {}
-        self.info.update(
-            scale=self.scale,
-            device=str(self.device),
-            dtype=str(self.dtype).removeprefix("torch."),
-            tile=self.tiles.tile,
-            overlap=self.tiles.overlap,
-            tile_batch=self.tiles.tile_batch,
-            seed=self.seed,
-            steps=self.inference.steps,
-            family=self.inference.family,
-        )
-
-    # ------------------------------------------------------------------------------------- construction
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        model: str | Path | None = None,
-        *,
-        scale: int = 4,
-        vae: str | Path | None = None,
-        device: str = "auto",
-        dtype: str = "auto",
-        tile: int = DEFAULT_TILE,
-        overlap: int = DEFAULT_OVERLAP,
-        tile_batch: int = 1,
-        seed: int | None = None,
-        steps: int | None = None,
-        quantize: bool | None = None,
-        offline: bool = False,
-        progress: bool = False,
-        blend: str = "cosine",
-        noise: str = "shared",
-        warn: Callable[[str], None] | None = None,
-    ) -> Upscaler:
-        """Load a model by registry name, local path or ``hf://owner/repo[/file][@rev]`` (default: the best public
-        one-step model for ``scale``), plus its VQ autoencoder (``vae`` or the one the model names)."""
-        from sr1step import weights
-
-        spec = str(model) if model is not None else weights.default_model_for_scale(scale)
-        resolved = weights.resolve_model(spec, offline=offline, progress=progress)
-        loaded = load_model(weights.converted_path(resolved), expect="resshift-unet")
-        descriptor = loaded.descriptor
-        inference = descriptor.inference or InferenceSpec()
-        entry = resolved.entry
-        if entry is not None and entry.arch == "resshift-unet":
-            # The file's own metadata wins; a bare checkpoint takes the registry's settings.
-            registry = weights.inference_spec(entry)
-            inference = (
-                replace(inference, scale=inference.scale or registry.scale)
-                if (descriptor.inference_from_metadata)
-                else registry
-            )
-        for note in descriptor.notes:
-            if not (entry is not None and "6-channel" in note):
-                (warn or (lambda message: None))(f"{spec}: {note}")
-        if inference.scale is None:
-            inference = replace(inference, scale=scale)
-        if steps is not None:
-            inference = replace(inference, steps=steps)
-        if quantize is not None:
-            inference = replace(inference, decode_quantize=quantize)
-        vae_spec = str(vae) if vae is not None else inference.vae
-        vae_resolved = weights.resolve_model(vae_spec, offline=offline, progress=progress)
-        vae_loaded: LoadedModel = load_model(weights.converted_path(vae_resolved), expect="vq-autoencoder")
-        torch_device = resolve_device(device)
-        info = {
-            "model": spec,
-            "model_path": str(resolved.path),
-            "sha256": resolved.sha256,
-            "vae": vae_spec,
-            "vae_sha256": vae_resolved.sha256,
-        }
-        return cls(
-            unet=loaded.module,  # type: ignore[arg-type]
-            vae=vae_loaded.module,  # type: ignore[arg-type]
-            inference=inference,
-            scale=scale,
-            device=torch_device,
-            dtype=resolve_dtype(dtype, torch_device),
-            tiles=TileSettings(tile=tile, overlap=overlap, tile_batch=tile_batch, blend=blend, noise=noise),
-            seed=seed,
-            info=info,
-            warn=warn or (lambda message: None),
-        )
+    scale: int
+    device: torch.device
+    dtype: torch.dtype
+    tiles: TileSettings
+    seed: int | None
+    info: dict[str, Any]
+    warn: Callable[[str], None]
+    lr_multiple: int
+    noise_align: int
 
     # ------------------------------------------------------------------------------------- public calls
 
@@ -367,6 +262,209 @@ class Upscaler:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
+    def _forward_tiles(self, lr_tiles: Tensor, tiles: list[Tile], noise: Any) -> Tensor:
+        """Padded LR tiles (B, 3, ph, pw) in [-1, 1] → HR tiles (B, 3, ph·s, pw·s), float32 on the CPU."""
+        raise NotImplementedError
+
+    def _run(
+        self,
+        lr: Tensor,
+        settings: TileSettings,
+        out_dtype: type,
+        noise: Any,
+        progress: ProgressCallback | None,
+    ) -> tuple[np.ndarray, int]:
+        _, _, height, width = lr.shape
+        s = self.scale
+        grid = plan_tiles(height, width, settings.tile, settings.overlap, self.lr_multiple, self.noise_align)
+        total = len(grid.tiles)
+        out = np.empty((height * s, width * s, 3), dtype=out_dtype)
+        overlap_hr, margin_hr = settings.overlap * s, settings.edge_margin * s
+        done = 0
+        # Band accumulator: HR rows [band_top, band_top + band height) of the current row of tiles.
+        band_top = 0
+        acc = torch.zeros(3, 0, width * s)
+        weight = torch.zeros(0, width * s)
+        for row_index, row in enumerate(grid.rows):
+            row_top = row[0].y * s
+            row_bottom = row_top + row[0].h * s
+            # grow the band to cover this row
+            extra = row_bottom - (band_top + acc.shape[1])
+            if extra > 0:
+                acc = torch.cat([acc, torch.zeros(3, extra, width * s)], dim=1)
+                weight = torch.cat([weight, torch.zeros(extra, width * s)], dim=0)
+            for start in range(0, len(row), settings.tile_batch):
+                batch = row[start : start + settings.tile_batch]
+                lr_tiles = torch.cat(
+                    [crop_reflect(lr, t.y, t.x, grid.padded_h, grid.padded_w) for t in batch]
+                )
+                hr_tiles = self._forward_tiles(lr_tiles, batch, noise)
+                for tile, hr in zip(batch, hr_tiles, strict=True):
+                    w = blend_window(tile, s, overlap_hr, margin_hr, settings.blend)
+                    hr = hr[:, : tile.h * s, : tile.w * s]
+                    y0 = tile.y * s - band_top
+                    x0 = tile.x * s
+                    acc[:, y0 : y0 + tile.h * s, x0 : x0 + tile.w * s] += hr * w
+                    weight[y0 : y0 + tile.h * s, x0 : x0 + tile.w * s] += w
+                done += len(batch)
+                if progress is not None:
+                    progress(done, total)
+            # rows above the next tile row are final
+            next_top = grid.rows[row_index + 1][0].y * s if row_index + 1 < len(grid.rows) else height * s
+            final = next_top - band_top
+            if final > 0:
+                out[band_top:next_top] = _quantize(acc[:, :final] / weight[:final], out_dtype)
+                acc, weight = acc[:, final:].clone(), weight[final:].clone()
+                band_top = next_top
+        return out, total
+
+
+@dataclass
+class Upscaler(TiledUpscaler):
+    """A loaded one-step (or multi-step teacher) ResShift-family model with its VQ autoencoder.
+
+    Call it on a PIL image, or use :meth:`upscale_array` / :meth:`upscale_tensor` for arrays and tensors.
+    """
+
+    unet: ResShiftUNet
+    vae: VQAutoencoder
+    inference: InferenceSpec
+    scale: int = 4
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    tiles: TileSettings = field(default_factory=TileSettings)
+    seed: int | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    warn: Callable[[str], None] = lambda message: None
+
+    def __post_init__(self) -> None:
+        if self.inference.scale is not None and self.inference.scale != self.scale:
+            raise ConfigError(
+                f"the model is a ×{self.inference.scale} model but ×{self.scale} was asked for; use -x {self.inference.scale}"
+            )
+        self.schedule = D.ResShiftSchedule(**self.inference.schedule)
+        self.unet = self.unet.to(self.device).eval().requires_grad_(False)
+        # The VQ runs natively in the compute dtype (SinSR/ComfyUI practice); the UNet keeps fp32 weights and runs
+        # under autocast (ResShift practice), its GroupNorms and softmax in fp32.
+        self.vae = self.vae.to(self.device, self.dtype).eval().requires_grad_(False)
+        factor = self.vae.downsample_factor
+        if (
+            self.scale * 1.0 / factor
+        ) * 2**self.unet.config.lq_stages != 1 and self.inference.lq_mode == "lr":
+            # lq = LR tile must be 2**lq_stages × the latent (= LR·s/f): only x4 with f4 (or x2 with the x2 config)
+            raise ConfigError(
+                f"a model fed the LR tile needs scale·2^stages = f (here {self.scale}·{2**self.unet.config.lq_stages} "
+                f"vs f{factor}); this model cannot run at ×{self.scale}"
+            )
+        latent_multiple = self.unet.config.size_multiple
+        self.lr_multiple = max(1, latent_multiple * factor // self.scale)
+        # Tile starts on multiples of f/s LR px keep every tile's latent grid aligned with the shared noise field.
+        self.noise_align = max(1, factor // self.scale)
+        if self.info is None:
+            self.info = {}
+        self.info.update(
+            scale=self.scale,
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+            tile=self.tiles.tile,
+            overlap=self.tiles.overlap,
+            tile_batch=self.tiles.tile_batch,
+            seed=self.seed,
+            steps=self.inference.steps,
+            family=self.inference.family,
+        )
+
+    # ------------------------------------------------------------------------------------- construction
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | Path | None = None,
+        *,
+        scale: int = 4,
+        vae: str | Path | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        tile: int = DEFAULT_TILE,
+        overlap: int = DEFAULT_OVERLAP,
+        tile_batch: int = 1,
+        seed: int | None = None,
+        steps: int | None = None,
+        quantize: bool | None = None,
+        offline: bool = False,
+        progress: bool = False,
+        blend: str = "cosine",
+        noise: str = "shared",
+        warn: Callable[[str], None] | None = None,
+    ) -> Upscaler:
+        """Load a model by registry name, local path or ``hf://owner/repo[/file][@rev]`` (default: the best public
+        one-step model for ``scale``), plus its VQ autoencoder (``vae`` or the one the model names)."""
+        from sr1step import weights
+
+        spec = str(model) if model is not None else weights.default_model_for_scale(scale)
+        resolved = weights.resolve_model(spec, offline=offline, progress=progress)
+        loaded = load_model(weights.converted_path(resolved))
+        if loaded.descriptor.arch != "resshift-unet":
+            if loaded.descriptor.arch not in OTHER_ARCHITECTURES:
+                raise CheckpointError(f"{resolved.path}: is a {loaded.descriptor.summary()}, not an SR model")
+            module_name, class_name = OTHER_ARCHITECTURES[loaded.descriptor.arch].split(":")
+            other = getattr(importlib.import_module(module_name), class_name)
+            return other.from_loaded(
+                loaded,
+                resolved=resolved,
+                scale=scale,
+                device=resolve_device(device),
+                dtype=dtype,
+                tiles=TileSettings(
+                    tile=tile, overlap=overlap, tile_batch=tile_batch, blend=blend, noise=noise
+                ),
+                seed=seed,
+                warn=warn or (lambda message: None),
+            )
+        descriptor = loaded.descriptor
+        inference = descriptor.inference or InferenceSpec()
+        entry = resolved.entry
+        if entry is not None and entry.arch == "resshift-unet":
+            # The file's own metadata wins; a bare checkpoint takes the registry's settings.
+            registry = weights.inference_spec(entry)
+            inference = (
+                replace(inference, scale=inference.scale or registry.scale)
+                if (descriptor.inference_from_metadata)
+                else registry
+            )
+        for note in descriptor.notes:
+            if not (entry is not None and "6-channel" in note):
+                (warn or (lambda message: None))(f"{spec}: {note}")
+        if inference.scale is None:
+            inference = replace(inference, scale=scale)
+        if steps is not None:
+            inference = replace(inference, steps=steps)
+        if quantize is not None:
+            inference = replace(inference, decode_quantize=quantize)
+        vae_spec = str(vae) if vae is not None else inference.vae
+        vae_resolved = weights.resolve_model(vae_spec, offline=offline, progress=progress)
+        vae_loaded: LoadedModel = load_model(weights.converted_path(vae_resolved), expect="vq-autoencoder")
+        torch_device = resolve_device(device)
+        info = {
+            "model": spec,
+            "model_path": str(resolved.path),
+            "sha256": resolved.sha256,
+            "vae": vae_spec,
+            "vae_sha256": vae_resolved.sha256,
+        }
+        return cls(
+            unet=loaded.module,  # type: ignore[arg-type]
+            vae=vae_loaded.module,  # type: ignore[arg-type]
+            inference=inference,
+            scale=scale,
+            device=torch_device,
+            dtype=resolve_dtype(dtype, torch_device),
+            tiles=TileSettings(tile=tile, overlap=overlap, tile_batch=tile_batch, blend=blend, noise=noise),
+            seed=seed,
+            info=info,
+            warn=warn or (lambda message: None),
+        )
+
     def _lq_input(self, lr_tiles: Tensor, hr_tiles: Tensor, z_y: Tensor) -> Tensor:
         mode = self.inference.lq_mode
         if mode == "lr":
@@ -418,60 +516,6 @@ class Upscaler:
                 )
         hr = self.vae.decode(x0.to(self.dtype), quantize=self.inference.decode_quantize)
         return hr.float().clamp(-1, 1).cpu()
-
-    def _run(
-        self,
-        lr: Tensor,
-        settings: TileSettings,
-        out_dtype: type,
-        noise: Any,
-        progress: ProgressCallback | None,
-    ) -> tuple[np.ndarray, int]:
-        _, _, height, width = lr.shape
-        s = self.scale
-        # Tile starts on multiples of f/s LR px keep every tile's latent grid aligned with the shared noise field.
-        align = max(1, self.vae.downsample_factor // s)
-        grid = plan_tiles(height, width, settings.tile, settings.overlap, self.lr_multiple, align)
-        total = len(grid.tiles)
-        out = np.empty((height * s, width * s, 3), dtype=out_dtype)
-        overlap_hr, margin_hr = settings.overlap * s, settings.edge_margin * s
-        done = 0
-        # Band accumulator: HR rows [band_top, band_top + band height) of the current row of tiles.
-        band_top = 0
-        acc = torch.zeros(3, 0, width * s)
-        weight = torch.zeros(0, width * s)
-        for row_index, row in enumerate(grid.rows):
-            row_top = row[0].y * s
-            row_bottom = row_top + row[0].h * s
-            # grow the band to cover this row
-            extra = row_bottom - (band_top + acc.shape[1])
-            if extra > 0:
-                acc = torch.cat([acc, torch.zeros(3, extra, width * s)], dim=1)
-                weight = torch.cat([weight, torch.zeros(extra, width * s)], dim=0)
-            for start in range(0, len(row), settings.tile_batch):
-                batch = row[start : start + settings.tile_batch]
-                lr_tiles = torch.cat(
-                    [crop_reflect(lr, t.y, t.x, grid.padded_h, grid.padded_w) for t in batch]
-                )
-                hr_tiles = self._forward_tiles(lr_tiles, batch, noise)
-                for tile, hr in zip(batch, hr_tiles, strict=True):
-                    w = blend_window(tile, s, overlap_hr, margin_hr, settings.blend)
-                    hr = hr[:, : tile.h * s, : tile.w * s]
-                    y0 = tile.y * s - band_top
-                    x0 = tile.x * s
-                    acc[:, y0 : y0 + tile.h * s, x0 : x0 + tile.w * s] += hr * w
-                    weight[y0 : y0 + tile.h * s, x0 : x0 + tile.w * s] += w
-                done += len(batch)
-                if progress is not None:
-                    progress(done, total)
-            # rows above the next tile row are final
-            next_top = grid.rows[row_index + 1][0].y * s if row_index + 1 < len(grid.rows) else height * s
-            final = next_top - band_top
-            if final > 0:
-                out[band_top:next_top] = _quantize(acc[:, :final] / weight[:final], out_dtype)
-                acc, weight = acc[:, final:].clone(), weight[final:].clone()
-                band_top = next_top
-        return out, total
 
 
 def _quantize(block: Tensor, out_dtype: type) -> np.ndarray:
