@@ -199,6 +199,32 @@ def sample(
     return z
 
 
+@torch.no_grad()
+def sample_ddim(schedule: ResShiftSchedule, denoiser: Denoiser, zy: Tensor, prior_noise: Tensor) -> Tensor:
+    """Deterministic ResShift-DDIM sampling over all T steps (SinSR/TAD-SR teacher target); returns ẑ_0.
+
+    z_{t−1} = k_t ẑ_0 + m_t z_t + j_t z_y with m_t = sqrt(η_{t−1}/η_t), j_t = η_{t−1} − sqrt(η_{t−1} η_t),
+    k_t = 1 − η_{t−1} + sqrt(η_{t−1} η_t) − sqrt(η_{t−1}/η_t); the last step returns ẑ_0 itself.
+    """
+    z = prior_sample(schedule, zy, prior_noise)
+    for t in range(schedule.last, 0, -1):
+        x0 = predict_x0(schedule, denoiser, z, t)
+        eta, eta_prev = schedule.etas[t], schedule.etas[t - 1]
+        m = float(np.sqrt(eta_prev / eta))
+        j = float(eta_prev - np.sqrt(eta_prev * eta))
+        k = float(1 - eta_prev + np.sqrt(eta_prev * eta) - np.sqrt(eta_prev / eta))
+        z = k * x0 + m * z + j * zy
+    return predict_x0(schedule, denoiser, z, 0)
+
+
+def eps_from_x0(schedule: ResShiftSchedule, z_t: Tensor, x0: Tensor, zy: Tensor, t: int | Tensor) -> Tensor:
+    """The noise implied by an x0 prediction: ε̂ = (z_t − ẑ_0 − η_t (z_y − ẑ_0)) / (κ sqrt(η_t))."""
+    t = _steps(t, z_t)
+    return (z_t - x0 - _extract(schedule.etas, t, z_t) * (zy - x0)) / _extract(
+        schedule.kappa * schedule.sqrt_etas, t, z_t
+    )
+
+
 def one_step(
     schedule: ResShiftSchedule,
     denoiser: Denoiser,
