@@ -83,9 +83,10 @@ def _run(
     upscale: dict,
     out: Output,
 ) -> None:
-    from sr1step.eval.datasets import get_dataset, image_files, resolve_dataset
+    from sr1step.eval.datasets import get_dataset, resolve_dataset
     from sr1step.eval.metrics import parse_metric_names
     from sr1step.eval.runner import Evaluator, UpscaleOptions, model_label
+    from sr1step.pairing import image_files
 
     if models and sr_dirs:
         raise typer.BadParameter("--model upscales, --sr-dir scores existing images: use one or the other")

@@ -26,23 +26,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sr1step.errors import ConfigError, DatasetError, ImageReadError
 from sr1step.imageio import read_image
+from sr1step.pairing import check_sizes, pair_by_name, upright_size
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 # Images tried for one sample before giving up: unreadable files are rare, a run of this many means a bad folder.
 MAX_READ_ATTEMPTS = 10
 # Batches each DataLoader worker keeps ready (RSD's DataLoader look-ahead).
 PREFETCH_BATCHES = 4
-# Names shown in an error that lists files; the rest are counted.
-LISTED_NAMES = 5
-
-# EXIF Orientation; values 5-8 swap width and height.
-EXIF_ORIENTATION_TAG = 0x0112
 
 _log = logging.getLogger(__name__)
 
@@ -61,14 +56,6 @@ def _sample_generator(*parts: int) -> torch.Generator:
 def _to_tensor(rgb: np.ndarray) -> Tensor:
     """(H, W, 3) float array in [0, 1] → (3, H, W) float32 tensor."""
     return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32))
-
-
-def _upright_size(path: Path) -> tuple[int, int]:
-    """(width, height) after the EXIF orientation, from the header only."""
-    with Image.open(path) as image:
-        width, height = image.size
-        orientation = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def _area_weights(source: int, target: int) -> Tensor:
@@ -109,11 +96,6 @@ def scan_images(root: Path) -> list[str]:
         prefix = "" if relative == "." else relative + "/"
         found.extend(prefix + name for name in files if _is_image(name))
     return sorted(found)
-
-
-def _names_preview(names: Sequence[str]) -> str:
-    shown = ", ".join(names[:LISTED_NAMES])
-    return shown + (f" and {len(names) - LISTED_NAMES} more" if len(names) > LISTED_NAMES else "")
 
 
 class HRFolderDataset(Dataset):
@@ -232,51 +214,16 @@ class PairedFolderDataset(Dataset):
         self.lq_dir, self.gt_dir = Path(lq_dir), Path(gt_dir)
         self.scale, self.crop_size, self.flip, self.seed = scale, crop_size, flip, seed
         self.epoch = 0
-        lq_files = self._by_stem(self.lq_dir, "LQ")
-        gt_files = self._by_stem(self.gt_dir, "GT")
-        no_gt = sorted(set(lq_files) - set(gt_files))
-        if no_gt:
-            raise DatasetError(
-                f"{len(no_gt)} LQ images in {self.lq_dir} have no GT of the same name in {self.gt_dir}: "
-                f"{_names_preview([lq_files[s].name for s in no_gt])}"
-            )
-        no_lq = sorted(set(gt_files) - set(lq_files))
-        if no_lq:
-            raise DatasetError(
-                f"{len(no_lq)} GT images in {self.gt_dir} have no LQ of the same name in {self.lq_dir}: "
-                f"{_names_preview([gt_files[s].name for s in no_lq])}"
-            )
-        self.pairs = [(lq_files[stem], gt_files[stem]) for stem in sorted(lq_files)]
-        for lq_path, gt_path in self.pairs:
-            self._check_sizes(lq_path, gt_path)
-
-    @staticmethod
-    def _by_stem(folder: Path, role: str) -> dict[str, Path]:
-        if not folder.is_dir():
-            raise DatasetError(f"{role} folder does not exist or is not a folder: {folder}")
-        files: dict[str, Path] = {}
-        for path in sorted(p for p in folder.iterdir() if p.is_file() and _is_image(p.name)):
-            if path.stem in files:
-                raise DatasetError(
-                    f"two {role} images share the name {path.stem!r}: {files[path.stem]}, {path}"
-                )
-            files[path.stem] = path
-        if not files:
-            raise DatasetError(f"no images found in the {role} folder {folder}")
-        return files
-
-    def _check_sizes(self, lq_path: Path, gt_path: Path) -> None:
-        try:
-            (lq_w, lq_h), (gt_w, gt_h) = _upright_size(lq_path), _upright_size(gt_path)
-        except (OSError, ValueError, Image.DecompressionBombError) as error:
-            raise DatasetError(f"cannot read the image header of the pair {lq_path.name}: {error}") from error
-        if (gt_w, gt_h) != (lq_w * self.scale, lq_h * self.scale):
-            raise DatasetError(
-                f"size mismatch for {lq_path.name}: LQ {lq_w}×{lq_h} ×{self.scale} should be "
-                f"{lq_w * self.scale}×{lq_h * self.scale}, GT {gt_path} is {gt_w}×{gt_h}"
-            )
-        if self.crop_size is not None and min(gt_w, gt_h) < self.crop_size:
-            raise DatasetError(f"GT {gt_path} is {gt_w}×{gt_h}, smaller than the crop size {self.crop_size}")
+        pairs = pair_by_name(self.lq_dir, self.gt_dir, "LQ", "GT")
+        check_sizes(pairs, "LQ", "GT", scale=scale, size_of=upright_size)
+        self.pairs = [(pair.left, pair.right) for pair in pairs]
+        if crop_size is not None:
+            for _, gt_path in self.pairs:
+                gt_w, gt_h = upright_size(gt_path)
+                if min(gt_w, gt_h) < crop_size:
+                    raise DatasetError(
+                        f"GT {gt_path} is {gt_w}×{gt_h}, smaller than the crop size {crop_size}"
+                    )
 
     def __len__(self) -> int:
         return len(self.pairs)

@@ -11,14 +11,12 @@ student update. Student = teacher + one zero-initialised noise plane; fake = tea
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from sr1step import diffusion as D
-from sr1step.checkpoints import InferenceSpec, export_safetensors
 from sr1step.distill.losses import (
     non_saturating_d_loss,
     non_saturating_g_loss,
@@ -26,7 +24,8 @@ from sr1step.distill.losses import (
     vsd_distillation,
     x0_regression,
 )
-from sr1step.distill.trainer import Batch, TrainContext, ema_update, unwrap
+from sr1step.distill.student import ResShiftStudentMethod, student_optimizer
+from sr1step.distill.trainer import Batch, TrainContext, ema_update
 from sr1step.models import ResShiftUNet
 
 
@@ -114,7 +113,7 @@ class StudentModel(nn.Module):
         return self.unet(x_in, t, lq, noise)
 
 
-class RSDMethod:
+class RSDMethod(ResShiftStudentMethod):
     name = "rsd"
 
     def setup(self, ctx: TrainContext) -> None:
@@ -127,12 +126,9 @@ class RSDMethod:
         self.ema = copy.deepcopy(self.student.unet).requires_grad_(False).eval()
         self.student_ddp = ctx.wrap(self.student)
         self.fake_ddp = ctx.wrap(self.fake)
-        kwargs = {"lr": train.lr, "betas": tuple(train.betas), "weight_decay": train.weight_decay}
-        self.opt_student = torch.optim.AdamW(self.student.parameters(), **kwargs)
-        self.opt_fake = torch.optim.AdamW(self.fake.parameters(), **kwargs)
-        warmup = train.warmup
-        self.sched_student = torch.optim.lr_scheduler.LambdaLR(
-            self.opt_student, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+        self.opt_student, self.sched_student = student_optimizer(ctx, self.student.parameters())
+        self.opt_fake = torch.optim.AdamW(
+            self.fake.parameters(), lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay
         )
         self.fake_history: list[float] = []  # the fake's x0-regression loss after each of its updates
         if cfg.lpips_weight:
@@ -236,38 +232,12 @@ class RSDMethod:
 
     # ------------------------------------------------------------------------------------- evaluation, state
 
-    def inference_spec(self, ctx: TrainContext) -> InferenceSpec:
-        return InferenceSpec(
-            family="rsd",
-            steps=1,
-            scale=ctx.config.model.scale,
-            lq_mode="lr",
-            prior_noise_scale="kappa_sqrt_eta",
-            decode_quantize=True,
-            vae=ctx.config.model.vae,
-        )
-
-    def eval_upscaler(self, ctx: TrainContext) -> Any:
-        return ctx.upscaler_for(self.ema, self.inference_spec(ctx))
-
-    def state_dict(self) -> dict[str, Any]:
+    def state_parts(self) -> dict[str, Any]:
         return {
-            "student": self.student.unet.state_dict(),
-            "fake": self.fake.state_dict(),
-            "ema": self.ema.state_dict(),
-            "opt_student": self.opt_student.state_dict(),
-            "opt_fake": self.opt_fake.state_dict(),
-            "sched_student": self.sched_student.state_dict(),
+            "student": self.student.unet,
+            "fake": self.fake,
+            "ema": self.ema,
+            "opt_student": self.opt_student,
+            "opt_fake": self.opt_fake,
+            "sched_student": self.sched_student,
         }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.student.unet.load_state_dict(state["student"])
-        self.fake.load_state_dict(state["fake"])
-        self.ema.load_state_dict(state["ema"])
-        self.opt_student.load_state_dict(state["opt_student"])
-        self.opt_fake.load_state_dict(state["opt_fake"])
-        self.sched_student.load_state_dict(state["sched_student"])
-
-    def export(self, ctx: TrainContext, path: Path, step: int) -> Path:
-        metadata = {"method": "rsd", "step": str(step), "teacher": ctx.config.model.teacher_weights}
-        return export_safetensors(unwrap(self.ema), path, self.inference_spec(ctx), metadata)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,9 +28,9 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from sr1step import diffusion as D
-from sr1step.checkpoints import InferenceSpec, export_safetensors
 from sr1step.distill.losses import hinge_d_loss, hinge_g_loss, hsd_surrogate, x0_regression
-from sr1step.distill.trainer import Batch, TrainContext, ema_update, unwrap
+from sr1step.distill.student import ResShiftStudentMethod, student_optimizer
+from sr1step.distill.trainer import Batch, TrainContext, ema_update
 from sr1step.errors import ConfigError
 from sr1step.models.resshift_unet import ResShiftUNet, timestep_embedding
 
@@ -117,7 +116,7 @@ def tap_channels(unet: ResShiftUNet, taps: tuple[str, ...], latent: int) -> dict
     return {tap: features[tap].shape[1] for tap in taps}
 
 
-class TADSRMethod:
+class TADSRMethod(ResShiftStudentMethod):
     name = "tad-sr"
 
     def setup(self, ctx: TrainContext) -> None:
@@ -132,15 +131,9 @@ class TADSRMethod:
         ).to(ctx.device)
         self.student_ddp = ctx.wrap(self.student)
         self.disc_ddp = ctx.wrap(self.disc)
-        self.opt_student = torch.optim.AdamW(
-            self.student.parameters(), lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay
-        )
+        self.opt_student, self.sched_student = student_optimizer(ctx, self.student.parameters())
         self.opt_disc = torch.optim.AdamW(
             self.disc.parameters(), lr=cfg.disc_lr, betas=tuple(train.betas), weight_decay=train.weight_decay
-        )
-        warmup = train.warmup
-        self.sched_student = torch.optim.lr_scheduler.LambdaLR(
-            self.opt_student, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
         )
 
     # ------------------------------------------------------------------------------------- pieces
@@ -228,43 +221,15 @@ class TADSRMethod:
 
     # ------------------------------------------------------------------------------------- evaluation, state
 
-    def inference_spec(self, ctx: TrainContext) -> InferenceSpec:
-        return InferenceSpec(
-            family="tad-sr",
-            steps=1,
-            scale=ctx.config.model.scale,
-            lq_mode="lr",
-            prior_noise_scale="kappa_sqrt_eta",
-            decode_quantize=True,
-            vae=ctx.config.model.vae,
-        )
-
-    def eval_upscaler(self, ctx: TrainContext) -> Any:
-        return ctx.upscaler_for(self.ema, self.inference_spec(ctx))
-
-    def state_dict(self) -> dict[str, Any]:
+    def state_parts(self) -> dict[str, Any]:
         return {
-            "student": self.student.state_dict(),
-            "disc": self.disc.state_dict(),
-            "ema": self.ema.state_dict(),
-            "opt_student": self.opt_student.state_dict(),
-            "opt_disc": self.opt_disc.state_dict(),
-            "sched_student": self.sched_student.state_dict(),
+            "student": self.student,
+            "disc": self.disc,
+            "ema": self.ema,
+            "opt_student": self.opt_student,
+            "opt_disc": self.opt_disc,
+            "sched_student": self.sched_student,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.student.load_state_dict(state["student"])
-        self.disc.load_state_dict(state["disc"])
-        self.ema.load_state_dict(state["ema"])
-        self.opt_student.load_state_dict(state["opt_student"])
-        self.opt_disc.load_state_dict(state["opt_disc"])
-        self.sched_student.load_state_dict(state["sched_student"])
-
-    def export(self, ctx: TrainContext, path: Path, step: int) -> Path:
-        metadata = {
-            "method": "tad-sr",
-            "step": str(step),
-            "teacher": ctx.config.model.teacher_weights,
-            "perturbation": self.cfg.perturbation,
-        }
-        return export_safetensors(unwrap(self.ema), path, self.inference_spec(ctx), metadata)
+    def export_metadata(self) -> dict[str, str]:
+        return {"perturbation": self.cfg.perturbation}

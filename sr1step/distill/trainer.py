@@ -40,6 +40,7 @@ from sr1step.distill.data import BatchStream, HRFolderDataset, PairedFolderDatas
 from sr1step.distill.degradations import TrainingPairPool, degrade
 from sr1step.errors import CheckpointError, ConfigError, DatasetError, Sr1stepError
 from sr1step.fsio import atomic_path, atomic_write_text
+from sr1step.pairing import check_sizes, pair_by_name, upright_size
 
 CHECKPOINT_PATTERN = re.compile(r"step_(\d+)\.pt$")
 CHECKPOINT_FORMAT = 1
@@ -596,26 +597,14 @@ class Trainer:
         from sr1step.imageio import read_image, write_image
 
         val = Path(cfg.data.val_dir)
-        lr_dir, hr_dir = val / "lr", val / "hr"
-        if not lr_dir.is_dir() or not hr_dir.is_dir():
-            raise DatasetError(
-                f"{val}: a validation folder needs 'lr' and 'hr' sub-folders with matching names"
-            )
-        names = sorted(p.name for p in lr_dir.iterdir() if not p.name.startswith("."))[: cfg.data.val_images]
-        if not names:
-            raise DatasetError(f"{lr_dir}: no validation images")
+        pairs = pair_by_name(val / "lr", val / "hr", "validation LR", "validation HR")[: cfg.data.val_images]
+        check_sizes(pairs, "validation LR", "validation HR", scale=cfg.model.scale, size_of=upright_size)
         upscaler = self.method.eval_upscaler(self.ctx)
         psnrs, ssims, lpipses, rows = [], [], [], []
-        for name in names:
-            if not (hr_dir / name).is_file():
-                raise DatasetError(f"{hr_dir / name}: missing HR image for validation image {name}")
-            lr = read_image(lr_dir / name).rgb
-            hr = read_image(hr_dir / name).rgb
+        for pair in pairs:
+            lr = read_image(pair.left).rgb
+            hr = read_image(pair.right).rgb
             sr = upscaler.upscale_array(lr, out_dtype=np.float32, seed=0).image
-            if sr.shape != hr.shape:
-                raise DatasetError(
-                    f"{hr_dir / name}: HR is {hr.shape[1]}×{hr.shape[0]}, the SR is {sr.shape[1]}×{sr.shape[0]}"
-                )
             sr8, hr8 = np.rint(sr * 255).astype(np.uint8), np.rint(hr * 255).astype(np.uint8)
             psnrs.append(psnr_y(sr8, hr8))
             ssims.append(ssim_y(sr8, hr8))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sr1step.errors import DatasetError
-from sr1step.imageio import INPUT_EXTENSIONS
+from sr1step.pairing import image_files
 
 SINSR_FR = ("psnr", "ssim", "lpips", "clipiqa", "musiq")
 OSEDIFF_PROTOCOL = ("psnr", "ssim", "lpips", "dists", "niqe", "musiq", "maniqa", "clipiqa", "fid")
@@ -166,15 +166,6 @@ def cache_dir() -> Path:
     from sr1step.weights.cache import cache_root
 
     return cache_root() / "datasets"
-
-
-def image_files(folder: Path) -> list[Path]:
-    """The image files directly in ``folder`` (by extension; hidden files skipped), sorted by name."""
-    return sorted(
-        entry
-        for entry in folder.iterdir()
-        if entry.suffix.lower() in INPUT_EXTENSIONS and not entry.name.startswith(".") and entry.is_file()
-    )
 
 
 def _has_images(folder: Path) -> bool:

@@ -30,21 +30,27 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from sr1step.errors import ConfigError, DatasetError, ImageReadError, Sr1stepError
-from sr1step.eval.datasets import image_files
 from sr1step.eval.metrics import METRICS, ImageMetric, SetMetric, create_metrics, resolve_device
 from sr1step.fsio import atomic_path, atomic_write_text
+from sr1step.pairing import (
+    PILLOW_FORMATS,
+    Pair,
+    check_size,
+    check_sizes,
+    index_by_stem,
+    name_list,
+    pair_by_name,
+)
 
 # PIL modes that are 8 bits per channel; they convert to RGB the way OpenCV's IMREAD_COLOR reads them
 # (alpha dropped, gray and palette expanded).
 _EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "La"})
-# Only these decoders are tried (no EPS/Ghostscript on files from a test set); the content decides, not the name.
-_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF")
 
 
 def read_rgb8(path: Path) -> np.ndarray:
     """An image file as an H×W×3 uint8 RGB array (writable copy); the format is sniffed from the content."""
     try:
-        with Image.open(path, formats=_FORMATS) as image:
+        with Image.open(path, formats=PILLOW_FORMATS) as image:
             if image.mode not in _EIGHT_BIT_MODES:
                 raise ImageReadError(
                     f"{path}: mode {image.mode} is not an 8-bit image; metrics score 8-bit files"
@@ -52,79 +58,6 @@ def read_rgb8(path: Path) -> np.ndarray:
             return np.array(image.convert("RGB"))
     except (UnidentifiedImageError, OSError) as exc:
         raise ImageReadError(f"{path}: cannot decode image ({exc})") from exc
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    try:
-        with Image.open(path, formats=_FORMATS) as image:
-            return image.size
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ImageReadError(f"{path}: cannot decode image ({exc})") from exc
-
-
-def _index_by_stem(folder: Path, role: str) -> dict[str, Path]:
-    if not folder.is_dir():
-        raise DatasetError(f"{role} folder {folder} does not exist")
-    index: dict[str, Path] = {}
-    for path in image_files(folder):
-        if path.stem in index:
-            raise DatasetError(
-                f"{role} folder {folder} has two images named '{path.stem}': {index[path.stem].name}, {path.name}"
-            )
-        index[path.stem] = path
-    if not index:
-        raise DatasetError(f"{role} folder {folder} holds no images")
-    return index
-
-
-def _names(stems: Sequence[str], limit: int = 5) -> str:
-    shown = ", ".join(stems[:limit])
-    return shown + (f", … ({len(stems) - limit} more)" if len(stems) > limit else "")
-
-
-@dataclass(frozen=True)
-class Pair:
-    name: str  # file name without extension: the pairing key (x.jpg pairs with x.png)
-    left: Path
-    right: Path
-
-
-def pair_by_name(left_dir: Path, right_dir: Path, left_role: str, right_role: str) -> list[Pair]:
-    """Pair the images of two folders by file name (extension ignored); every image must have its partner."""
-    left, right = _index_by_stem(left_dir, left_role), _index_by_stem(right_dir, right_role)
-    missing = sorted(set(right) - set(left))
-    if missing:
-        raise DatasetError(
-            f"{len(missing)} {right_role} image(s) in {right_dir} have no {left_role} image in {left_dir}: "
-            f"{_names(missing)}"
-        )
-    extra = sorted(set(left) - set(right))
-    if extra:
-        raise DatasetError(
-            f"{len(extra)} {left_role} image(s) in {left_dir} have no {right_role} image in {right_dir}: "
-            f"{_names(extra)}"
-        )
-    return [Pair(stem, left[stem], right[stem]) for stem in sorted(left)]
-
-
-def check_sizes(pairs: Sequence[Pair], left_role: str, right_role: str, scale: int = 1) -> None:
-    """Every right image must be ``scale`` × its left partner (1: the same size); read from headers only."""
-    for pair in pairs:
-        _check_size(pair, _image_size(pair.left), _image_size(pair.right), left_role, right_role, scale)
-
-
-def _check_size(
-    pair: Pair, left: tuple[int, int], right: tuple[int, int], left_role: str, right_role: str, scale: int = 1
-) -> None:
-    (lw, lh), (rw, rh) = left, right
-    if (lw * scale, lh * scale) != (rw, rh):
-        expected = (
-            "" if scale == 1 else f" (expected {scale}× the {left_role} size: {lw * scale}×{lh * scale})"
-        )
-        raise DatasetError(
-            f"size mismatch for '{pair.name}': {left_role} {pair.left} is {lw}×{lh}, "
-            f"{right_role} {pair.right} is {rw}×{rh}{expected}"
-        )
 
 
 def model_label(model_spec: str) -> str:
@@ -268,7 +201,7 @@ class Evaluator:
             check_sizes(pairs, "SR", "HR")
             items = [_Item(p.name, p.left, p.right) for p in pairs]
         else:
-            items = [_Item(stem, path, None) for stem, path in sorted(_index_by_stem(sr_dir, "SR").items())]
+            items = [_Item(stem, path, None) for stem, path in sorted(index_by_stem(sr_dir, "SR").items())]
         return self._score(dataset, model, items, {"sr_dir": sr_dir, "hr_dir": hr_dir}, None)
 
     def evaluate_model(
@@ -288,7 +221,7 @@ class Evaluator:
             check_sizes(pairs, "LR", "HR", scale=options.scale)
             lr_items = [(p.name, p.left, p.right) for p in pairs]
         else:
-            lr_items = [(stem, path, None) for stem, path in sorted(_index_by_stem(lr_dir, "LR").items())]
+            lr_items = [(stem, path, None) for stem, path in sorted(index_by_stem(lr_dir, "LR").items())]
 
         label = model_label(model_spec)
         run_dir = self.out_root / dataset / label
@@ -398,7 +331,7 @@ class Evaluator:
                 hr = read_rgb8(item.hr) if item.hr is not None else None
                 if hr is not None:  # checked from the headers already; this guards files changed since
                     sizes = (sr.shape[1], sr.shape[0]), (hr.shape[1], hr.shape[0])
-                    _check_size(Pair(item.name, item.sr, item.hr), *sizes, "SR", "HR")
+                    check_size(Pair(item.name, item.sr, item.hr), *sizes, "SR", "HR")
                 row: dict[str, Any] = {
                     "image": item.name,
                     "sr": str(item.sr),
@@ -416,7 +349,7 @@ class Evaluator:
             values = [row[name] for row in rows]
             bad = [row["image"] for row in rows if not math.isfinite(row[name])]
             if bad:
-                warnings.append(f"{name} is not finite for {len(bad)} image(s): {_names(bad)}")
+                warnings.append(f"{name} is not finite for {len(bad)} image(s): {name_list(bad)}")
             scores[name] = float(np.mean(values)) if not bad else None
         for name, metric in set_metrics.items():
             value = _run_metric(name, "the image set", metric, [i.sr for i in items], [i.hr for i in items])
