@@ -19,14 +19,12 @@ from PIL import Image, ImageCms, ImageOps
 from sr1step.errors import ConfigError, ImageReadError, ImageWriteError
 from sr1step.imageio import (
     MAX_INPUT_PIXELS,
-    InputFile,
-    collect_inputs,
     normalize_format,
-    plan_outputs,
     read_image,
     upscale_alpha,
     write_image,
 )
+from sr1step.inputs import InputFile, collect_inputs, plan_outputs
 
 
 @pytest.fixture

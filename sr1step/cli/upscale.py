@@ -23,7 +23,7 @@ class BatchReport:
 
 def _collect(inputs: list[str], recursive: bool, report: BatchReport, out: Output) -> list:
     """Expand each argument on its own, so one missing file does not stop the others."""
-    from sr1step.imageio import collect_inputs
+    from sr1step.inputs import collect_inputs
 
     found, seen = [], set()
     for text in inputs:
@@ -152,7 +152,8 @@ def run_upscale(
     import numpy as np
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from sr1step.imageio import plan_outputs, read_image, upscale_alpha, write_image
+    from sr1step.imageio import read_image, upscale_alpha, write_image
+    from sr1step.inputs import plan_outputs
     from sr1step.pipeline import TileSettings, Upscaler
 
     started = time.perf_counter()
