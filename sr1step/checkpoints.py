@@ -15,6 +15,7 @@ not fit gets an error naming the file and the first missing/unexpected key or sh
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import re
@@ -246,7 +247,14 @@ def register_detector(name: str, detector: Detector, before: str | None = None) 
     _DETECTORS.insert(index, (name, detector))
 
 
+# Architectures whose detector registers when its module is imported: imported on demand by their metadata arch.
+_DETECTOR_MODULES = {"yonos-sd": "sr1step.models.yonos"}
+
+
 def detect(state: dict[str, Tensor], metadata: dict[str, str], source: str) -> ModelDescriptor:
+    module = _DETECTOR_MODULES.get(metadata.get("arch", ""))
+    if module is not None:
+        importlib.import_module(module)
     for _, detector in _DETECTORS:
         descriptor = detector(state, metadata, source)
         if descriptor is not None:

@@ -385,8 +385,8 @@ class Upscaler(TiledUpscaler):
         vae: str | Path | None = None,
         device: str = "auto",
         dtype: str = "auto",
-        tile: int = DEFAULT_TILE,
-        overlap: int = DEFAULT_OVERLAP,
+        tile: int | None = None,
+        overlap: int | None = None,
         tile_batch: int = 1,
         seed: int | None = None,
         steps: int | None = None,
@@ -407,6 +407,15 @@ class Upscaler(TiledUpscaler):
         if loaded.descriptor.arch != "resshift-unet":
             if loaded.descriptor.arch not in OTHER_ARCHITECTURES:
                 raise CheckpointError(f"{resolved.path}: is a {loaded.descriptor.summary()}, not an SR model")
+            ignored = [
+                name
+                for name, value in (("--vae", vae), ("--steps", steps), ("--no-quantize", quantize))
+                if value is not None
+            ]
+            if ignored:
+                raise ConfigError(
+                    f"{resolved.path}: {', '.join(ignored)} apply to ResShift-family models only"
+                )
             module_name, class_name = OTHER_ARCHITECTURES[loaded.descriptor.arch].split(":")
             other = getattr(importlib.import_module(module_name), class_name)
             return other.from_loaded(
@@ -415,9 +424,11 @@ class Upscaler(TiledUpscaler):
                 scale=scale,
                 device=resolve_device(device),
                 dtype=dtype,
-                tiles=TileSettings(
-                    tile=tile, overlap=overlap, tile_batch=tile_batch, blend=blend, noise=noise
-                ),
+                tile=tile,
+                overlap=overlap,
+                tile_batch=tile_batch,
+                blend=blend,
+                noise=noise,
                 seed=seed,
                 warn=warn or (lambda message: None),
             )
@@ -459,7 +470,14 @@ class Upscaler(TiledUpscaler):
             scale=scale,
             device=torch_device,
             dtype=resolve_dtype(dtype, torch_device),
-            tiles=TileSettings(tile=tile, overlap=overlap, tile_batch=tile_batch, blend=blend, noise=noise),
+            tiles=TileSettings(
+                tile=DEFAULT_TILE if tile is None else tile,
+                # a smaller tile than the default gets a proportionally smaller default overlap
+                overlap=overlap if overlap is not None else min(DEFAULT_OVERLAP, (tile or DEFAULT_TILE) // 4),
+                tile_batch=tile_batch,
+                blend=blend,
+                noise=noise,
+            ),
             seed=seed,
             info=info,
             warn=warn or (lambda message: None),

@@ -142,7 +142,7 @@ def test_format_and_quality(tmp_path, model_args):
 def test_exit_codes_for_bad_options(tmp_path, model_args, capsys):
     src = _png(tmp_path / "a.png")
     assert run(["upscale", str(src), "-x", "3", *model_args]) == 1
-    assert "-x must be 4 or 2" in capsys.readouterr().err
+    assert "-x must be 4, 2 or 8" in capsys.readouterr().err
     assert run(["upscale", str(src), "--dtype", "fp8", *model_args]) == 1
     assert run(["upscale", str(src), *model_args, "--overlap", "64"]) == 1  # overlap >= tile
     assert "--overlap 64 must be smaller than --tile 32" in capsys.readouterr().err

@@ -47,7 +47,9 @@ def register(app: typer.Typer) -> None:
         inputs: Annotated[
             list[str], typer.Argument(help="Image files, folders or glob patterns.", show_default=False)
         ],
-        scale: Annotated[int, typer.Option("-x", "--scale", help="Upscaling factor: 4 or 2.")] = 4,
+        scale: Annotated[
+            int, typer.Option("-x", "--scale", help="Upscaling factor: 4 or 2 (8 for ×8 YONOS-SR exports).")
+        ] = 4,
         model: Annotated[
             str | None,
             typer.Option(
@@ -71,8 +73,16 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--recursive", "-r", help="Descend into sub-folders (mirrored in the output).")
         ] = False,
         skip_existing: Annotated[bool, typer.Option(help="Skip inputs whose output already exists.")] = False,
-        tile: Annotated[int, typer.Option(min=0, help="LR tile size in px (0 = whole image).")] = 256,
-        overlap: Annotated[int, typer.Option(min=0, help="LR overlap between tiles in px.")] = 32,
+        tile: Annotated[
+            int | None,
+            typer.Option(
+                min=0,
+                help="LR tile size in px (0 = whole image; default: the model's, 256 for ResShift models).",
+            ),
+        ] = None,
+        overlap: Annotated[
+            int | None, typer.Option(min=0, help="LR overlap between tiles in px (default: the model's, 32).")
+        ] = None,
         tile_batch: Annotated[int, typer.Option(min=1, help="Tiles per network call.")] = 1,
         device: Annotated[str, typer.Option(help="auto | cuda | cpu | mps (or cuda:N)")] = "auto",
         dtype: Annotated[
@@ -97,8 +107,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Upscale images with a one-step diffusion SR model (tiled, any size)."""
         out = Output(quiet=quiet, json_mode=json_out)
-        if scale not in (2, 4):
-            raise ConfigError(f"-x must be 4 or 2, got {scale}")
+        if scale not in (2, 4, 8):
+            raise ConfigError(f"-x must be 4, 2 or 8, got {scale}")
         code = run_upscale(
             out,
             inputs,
@@ -138,8 +148,8 @@ def run_upscale(
     quality: int,
     recursive: bool,
     skip_existing: bool,
-    tile: int,
-    overlap: int,
+    tile: int | None,
+    overlap: int | None,
     tile_batch: int,
     device: str,
     dtype: str,
@@ -158,7 +168,8 @@ def run_upscale(
 
     started = time.perf_counter()
     report = BatchReport()
-    TileSettings(tile=tile, overlap=overlap, tile_batch=tile_batch)  # validate options before any loading
+    if tile is not None and overlap is not None:
+        TileSettings(tile=tile, overlap=overlap, tile_batch=tile_batch)  # validate options before any loading
     items = _collect(inputs, recursive, report, out)
     plans = plan_outputs(items, output, suffix=suffix, fmt=fmt, skip_existing=skip_existing) if items else []
     todo = [p for p in plans if not p.skip]

@@ -111,20 +111,80 @@ class TADSRConfig:
 
 @dataclass
 class YonosConfig:
-    base: str = "hf://stabilityai/stable-diffusion-2-base"  # our choice: SD 2 base (the paper's SD version is unknown)
-    stages: tuple[int, ...] = (2, 4)  # scale chain; (2, 4, 8) for ×8
-    stage_iterations: int = 10000
-    prediction: str = "v_prediction"  # our choice; "epsilon" for SD 1.x
-    loss_weighting: str = (
-        "snr_trunc"  # our choice: w(λ) = max(SNR, 1) on the x0 error ("min_snr" / "uniform")
-    )
-    decoder_iterations: int = 2000
+    """YONOS-SR scale distillation (reference ``distillation.md`` §6). The paper states the stage chain (teacher at
+    N/2 for the student at N), the x0-space losses, one-step DDIM inference and decoder fine-tuning on top of the
+    frozen UNet; every other default here is our choice (§6.9), listed by ``choices_not_from_paper``.
+
+    ``train.iterations`` is derived: len(stages) × stage_iterations + decoder_iterations.
+    """
+
+    base: str = "hf://stabilityai/stable-diffusion-2-base"  # our choice: SD 2 base (the paper's is unknown)
+    stages: tuple[int, ...] = (2, 4)  # scale chain, each twice the previous; (2, 4, 8) with model.scale=8
+    stage_iterations: int = 10000  # our choice: UNet iterations per stage
+    decoder_iterations: int = 2000  # our choice: decoder fine-tuning iterations (0 = keep the base decoder)
+    # our choice: v keeps x0 well conditioned at t = T (an ε-model divides by α_T ≈ 0.07 there); also epsilon,
+    # sample (x0)
+    prediction: str = "v_prediction"
+    schedule: str = "base"  # our choice: the base's β schedule; "zero_snr" rescales it to α_T = 0
+    # our choice: w(λ) on the x0 error: "snr_trunc" max(SNR, 1); "min_snr" min(SNR, gamma); "uniform" 1
+    loss_weighting: str = "snr_trunc"
+    min_snr_gamma: float = 5.0
+    # our choice: t ~ U{0..T−1}; "terminal" trains only t = T−1 (the inference step)
+    timesteps: str = "uniform"
+    lr_upsample: str = "bicubic"  # our choice (§6.9): LR → HR size before the VAE encoder; or "bilinear"
+    one_step_start: str = "noise"  # our choice (§6.9): z_T = ε; "lr" starts from α_T·z_lr + σ_T·ε
+    # our choice: the teacher's ×N/2 LR is the same Real-ESRGAN degradation draw as the student's ×N LR
+    shared_degradation: bool = True
+    next_stage_from: str = "ema"  # our choice: a stage's student and teacher start from the previous EMA
+    precision: str = "auto"  # our choice: autocast of UNet/VAE passes: auto = bf16 on CUDA, fp32 on CPU
+    gradient_checkpointing: bool = False
+    decoder_lr: float = 1e-5  # our choice
     decoder_l1_weight: float = 1.0  # our choice
     decoder_lpips_weight: float = 1.0  # our choice
-    decoder_gan_weight: float = 0.0  # our choice: the optional patch GAN is off by default
-    empty_prompt: str = ""
-    lr: float = 5e-5
-    latent_tile: int = 64
+    decoder_gan_weight: float = 0.0  # our choice: the optional patch GAN (hinge) is off by default
+    decoder_gan_channels: int = 64  # our choice: PatchGAN width and depth (pix2pix's 64 / 3)
+    decoder_gan_layers: int = 3
+    empty_prompt: str = ""  # our choice: the fixed cross-attention context is the empty prompt's embedding
+    latent_tile: int = 64  # inference tile in latents (SD: 512 HR px), the paper's patch size
+
+    def validate(self) -> None:
+        def one_of(name: str, allowed: tuple[str, ...]) -> None:
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"yonos.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
+
+        if not self.stages or self.stages[0] < 2:
+            raise ConfigError(f"yonos.stages must start at a scale >= 2, got {list(self.stages)}")
+        for i in range(1, len(self.stages)):
+            if self.stages[i] != 2 * self.stages[i - 1]:
+                raise ConfigError(
+                    f"yonos.stages {list(self.stages)}: each stage's teacher is the previous stage at half the "
+                    "scale, so every scale must double the previous one"
+                )
+        if self.stage_iterations < 1 or self.decoder_iterations < 0:
+            raise ConfigError("yonos.stage_iterations must be >= 1 and yonos.decoder_iterations >= 0")
+        one_of("prediction", ("epsilon", "v_prediction", "sample"))
+        one_of("schedule", ("base", "zero_snr"))
+        one_of("loss_weighting", ("snr_trunc", "min_snr", "uniform"))
+        one_of("timesteps", ("uniform", "terminal"))
+        one_of("lr_upsample", ("bicubic", "bilinear"))
+        one_of("one_step_start", ("noise", "lr"))
+        one_of("next_stage_from", ("ema", "online"))
+        one_of("precision", ("auto", "fp32", "bf16"))
+        if self.schedule == "zero_snr" and self.prediction == "epsilon":
+            raise ConfigError("yonos.schedule zero_snr needs prediction v_prediction or sample (α_T = 0)")
+        if self.min_snr_gamma <= 0 or self.decoder_lr <= 0:
+            raise ConfigError("yonos.min_snr_gamma and yonos.decoder_lr must be > 0")
+        weights = (self.decoder_l1_weight, self.decoder_lpips_weight, self.decoder_gan_weight)
+        if min(weights) < 0 or (self.decoder_iterations and not any(weights)):
+            raise ConfigError("yonos.decoder_*_weight must be >= 0, and one > 0 when decoder_iterations > 0")
+        if self.decoder_gan_channels < 1 or self.decoder_gan_layers < 1 or self.latent_tile < 1:
+            raise ConfigError("yonos.decoder_gan_channels, decoder_gan_layers and latent_tile must be >= 1")
+
+    @property
+    def total_iterations(self) -> int:
+        return len(self.stages) * self.stage_iterations + self.decoder_iterations
 
 
 @dataclass
@@ -149,7 +209,10 @@ class DistillConfig:
             )
         elif method == "yonos-sr":
             config.model = ModelConfig(teacher="sd", teacher_weights="", vae="", scale=4)
-            config.train = TrainConfig(batch=16, microbatch=4, betas=(0.9, 0.999), iterations=10000)
+            config.train = TrainConfig(
+                batch=16, microbatch=4, betas=(0.9, 0.999), iterations=YonosConfig().total_iterations
+            )
+            config.data = DataConfig(gt_size=512)  # the paper's 512² HR crops (Fig. 2)
         return config
 
     def validate(self) -> None:
@@ -193,12 +256,26 @@ def choices_not_from_paper(method: str) -> list[str]:
         "tad-sr": ["tadsr.perturbation"],
         "yonos-sr": [
             "yonos.base",
+            "yonos.stage_iterations",
+            "yonos.decoder_iterations",
             "yonos.prediction",
+            "yonos.schedule",
             "yonos.loss_weighting",
+            "yonos.timesteps",
+            "yonos.lr_upsample",
+            "yonos.one_step_start",
+            "yonos.shared_degradation",
+            "yonos.next_stage_from",
+            "yonos.precision",
+            "yonos.decoder_lr",
             "yonos.decoder_l1_weight",
             "yonos.decoder_lpips_weight",
             "yonos.decoder_gan_weight",
-            "yonos.stage_iterations",
+            "yonos.decoder_gan_channels",
+            "yonos.empty_prompt",
+            "train.lr",
+            "train.batch",
+            "train.ema_rate",
         ],
     }
     return common + per_method.get(method, [])

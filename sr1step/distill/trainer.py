@@ -91,10 +91,10 @@ def init_distributed(device: str = "auto") -> DistEnv:
 
 @dataclass
 class Batch:
-    """A per-rank batch: HR and LR in [-1, 1] on the device, and one random key per sample."""
+    """A per-rank batch: HR and LR in [-1, 1] on the device (LR None when not asked for), one random key per sample."""
 
     hr: Tensor
-    lr: Tensor
+    lr: Tensor | None
     keys: list[int]
 
     def __len__(self) -> int:
@@ -102,7 +102,11 @@ class Batch:
 
     def split(self, size: int) -> list[Batch]:
         return [
-            Batch(self.hr[i : i + size], self.lr[i : i + size], self.keys[i : i + size])
+            Batch(
+                self.hr[i : i + size],
+                None if self.lr is None else self.lr[i : i + size],
+                self.keys[i : i + size],
+            )
             for i in range(0, len(self), size)
         ]
 
@@ -330,8 +334,11 @@ class TrainContext:
         )
         self._data_ready = True
 
-    def fetch(self) -> Batch:
-        """The next per-rank batch, degraded on the device (Real-ESRGAN) unless the data is paired."""
+    def fetch(self, degrade_lr: bool = True) -> Batch:
+        """The next per-rank batch, degraded on the device (Real-ESRGAN) unless the data is paired.
+
+        ``degrade_lr=False``: HR only (methods that make their own LR versions, e.g. YONOS-SR's scale chain).
+        """
         if not self._data_ready:
             self.setup_data()
         cfg, env = self.config, self.env
@@ -341,6 +348,9 @@ class TrainContext:
         gt = raw["gt"].to(self.device, non_blocking=True).float()
         # global position of this rank's j-th sample: the sampler hands out rank::world_size strides
         keys = [derive_seed(cfg.train.seed, index, j * env.world_size + env.rank) for j in range(gt.shape[0])]
+        if not degrade_lr and not self.paired:
+            self.skipped_images = self.stream.skipped
+            return Batch(hr=gt * 2 - 1, lr=None, keys=keys)
         if self.paired:
             lq = raw["lq"].to(self.device, non_blocking=True).float()
         elif cfg.data.degradation_grouping == "sample":
