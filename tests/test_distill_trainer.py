@@ -239,3 +239,15 @@ def test_unreadable_images_are_skipped_and_counted(ws, tmp_path):
     )
     rows = _log_rows(tmp_path / "run")
     assert trainer.ctx.skipped_images >= 1 and float(rows[-1]["skipped_images"]) >= 1
+
+
+def test_validation_upscaler_keeps_the_training_vq_precision(ws, tmp_path):
+    """The Upscaler moves modules in place: validation must not turn a half-precision training VQ into fp32."""
+    from sr1step.checkpoints import InferenceSpec
+    from sr1step.distill.trainer import TrainContext
+
+    ctx = TrainContext(tiny_config(ws, **{"train.vq_dtype": "bf16"}), CPU, tmp_path, lpips_pretrained=False)
+    assert next(ctx.vq.parameters()).dtype == torch.bfloat16
+    upscaler = ctx.upscaler_for(ctx.teacher, InferenceSpec(family="sinsr"))
+    assert upscaler.dtype == torch.bfloat16
+    assert next(ctx.vq.parameters()).dtype == torch.bfloat16

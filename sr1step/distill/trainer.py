@@ -403,13 +403,14 @@ class TrainContext:
         """An Upscaler around a (EMA) student for validation, sharing the frozen VQ."""
         from sr1step.pipeline import TileSettings, Upscaler
 
+        # The VQ's training precision: Upscaler moves its modules in place and must not change the shared VQ.
         return Upscaler(
             unet=unet,
             vae=self.vq,
             inference=inference,
             scale=self.config.model.scale,
             device=self.device,
-            dtype=torch.float32,
+            dtype=self.vq_dtype,
             tiles=TileSettings(tile=0),
             seed=0,
         )
