@@ -88,16 +88,17 @@ def register(app: typer.Typer) -> None:
             for size in _sizes(sizes)
             for path in paths
         ]
-        results = []
+        results, rows = [], []
         with Progress(disable=not out.show_progress, transient=True) as progress:
             task = progress.add_task("benchmarking", total=len(specs))
             for spec in specs:
                 progress.update(task, description=f"{spec.path} {spec.size}²")
                 results.append(measure(spec))
                 progress.advance(task)
-        rows = compare(results)
-        for row in rows:
-            out.record(row)
+                if spec.path == paths[-1]:  # a size is complete: report it now (long runs can be cut short)
+                    (row,) = compare([r for r in results if r.size == spec.size])
+                    rows.append(row)
+                    out.record(row)
         table = Table(
             title=f"sr1step bench ({results[0].device}, ours {results[0].dtype}; memory: {results[0].memory_kind})"
         )
