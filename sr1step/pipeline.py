@@ -99,7 +99,17 @@ class PerTileNoise:
     def __init__(self, seed: int) -> None:
         self.generator = torch.Generator().manual_seed(seed)
 
-    def region(self, kind, channels, y, x, h, w, device="cpu", dtype=torch.float32) -> Tensor:  # noqa: ANN001
+    def region(
+        self,
+        kind: str,
+        channels: int,
+        y: int,
+        x: int,
+        h: int,
+        w: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
         return torch.randn(channels, h, w, generator=self.generator).to(device=device, dtype=dtype)
 
 
@@ -348,9 +358,7 @@ class Upscaler(TiledUpscaler):
         # under autocast (ResShift practice), its GroupNorms and softmax in fp32.
         self.vae = self.vae.to(self.device, self.dtype).eval().requires_grad_(False)
         factor = self.vae.downsample_factor
-        if (
-            self.scale * 1.0 / factor
-        ) * 2**self.unet.config.lq_stages != 1 and self.inference.lq_mode == "lr":
+        if self.inference.lq_mode == "lr" and self.scale * 2**self.unet.config.lq_stages != factor:
             # lq = LR tile must be 2**lq_stages × the latent (= LR·s/f): only x4 with f4 (or x2 with the x2 config)
             raise ConfigError(
                 f"a model fed the LR tile needs scale·2^stages = f (here {self.scale}·{2**self.unet.config.lq_stages} "
@@ -360,8 +368,6 @@ class Upscaler(TiledUpscaler):
         self.lr_multiple = max(1, latent_multiple * factor // self.scale)
         # Tile starts on multiples of f/s LR px keep every tile's latent grid aligned with the shared noise field.
         self.noise_align = max(1, factor // self.scale)
-        if self.info is None:
-            self.info = {}
         self.info.update(
             scale=self.scale,
             device=str(self.device),
