@@ -235,7 +235,10 @@ def test_paired_dataset_pairing_errors(paired: tuple[Path, Path]):
         PairedFolderDataset(lq_dir, gt_dir, scale=4)
     (gt_dir / "orphan.png").unlink()
     _save(gt_dir / "pair2.png", _random_image(30, 40, 5))
-    with pytest.raises(DatasetError, match="size mismatch for 'pair2': LQ .*pair2.png is 10×8, GT .*pair2.png is 40×30 \\(expected 4× the LQ size: 40×32\\)"):
+    with pytest.raises(
+        DatasetError,
+        match="size mismatch for 'pair2': LQ .*pair2.png is 10×8, GT .*pair2.png is 40×30 \\(expected 4× the LQ size: 40×32\\)",
+    ):
         PairedFolderDataset(lq_dir, gt_dir, scale=4)
     with pytest.raises(DatasetError, match="size mismatch"):
         PairedFolderDataset(lq_dir, gt_dir, scale=2)

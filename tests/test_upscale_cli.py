@@ -151,7 +151,9 @@ def test_exit_codes_for_bad_options(tmp_path, model_args, capsys):
     assert "nope.safetensors" in capsys.readouterr().err
 
 
-def test_default_model_comes_from_the_registry_through_the_hub(tmp_path, fake_hub, monkeypatch, tiny_model_files):
+def test_default_model_comes_from_the_registry_through_the_hub(
+    tmp_path, fake_hub, monkeypatch, tiny_model_files
+):
     """`upscale -x 4` with no --model fetches the registry's default (rsd-x4) from the Hub, then works offline."""
     from huggingface_hub import constants
     from safetensors.torch import load_file, save_file
@@ -164,12 +166,30 @@ def test_default_model_comes_from_the_registry_through_the_hub(tmp_path, fake_hu
     monkeypatch.setenv("HF_ENDPOINT", fake_hub.url)
     # a sorryhyun-style student file where the registry says rsd-x4 lives
     student = tmp_path / "rsd_student_final.safetensors"
-    save_file(load_file(str(tiny_model_files["unet"])), str(student),
-              metadata={"noise_mode": "concat", "noise_channels": "1", "cond_lq": "pixel", "branch": "ema"})
-    fake_hub.commit("sorryhyun/Distilled-ResShift-4x", {"rsd_student_final.safetensors": student.read_bytes()})
+    save_file(
+        load_file(str(tiny_model_files["unet"])),
+        str(student),
+        metadata={"noise_mode": "concat", "noise_channels": "1", "cond_lq": "pixel", "branch": "ema"},
+    )
+    fake_hub.commit(
+        "sorryhyun/Distilled-ResShift-4x", {"rsd_student_final.safetensors": student.read_bytes()}
+    )
     src = _png(tmp_path / "a.png")
-    args = ["upscale", str(src), "-x", "4", "--vae", str(tiny_model_files["vae"]), "--tile", "32", "--overlap", "8",
-            "--seed", "3", "-q"]
+    args = [
+        "upscale",
+        str(src),
+        "-x",
+        "4",
+        "--vae",
+        str(tiny_model_files["vae"]),
+        "--tile",
+        "32",
+        "--overlap",
+        "8",
+        "--seed",
+        "3",
+        "-q",
+    ]
     assert run([*args, "-o", str(tmp_path / "o1")]) == 0
     assert Image.open(tmp_path / "o1" / "a_x4.png").size == (96, 80)
     downloads = len(fake_hub.requests_matching("rsd_student_final"))
@@ -178,5 +198,7 @@ def test_default_model_comes_from_the_registry_through_the_hub(tmp_path, fake_hu
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert run([*args, "-o", str(tmp_path / "o2"), "--offline"]) == 0
     assert len(fake_hub.requests_matching("rsd_student_final")) == downloads
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "o1" / "a_x4.png")),
-                          np.asarray(Image.open(tmp_path / "o2" / "a_x4.png")))
+    assert np.array_equal(
+        np.asarray(Image.open(tmp_path / "o1" / "a_x4.png")),
+        np.asarray(Image.open(tmp_path / "o2" / "a_x4.png")),
+    )
