@@ -24,7 +24,7 @@ from sr1step.distill.losses import (
     vsd_distillation,
     x0_regression,
 )
-from sr1step.distill.student import ResShiftStudentMethod, student_optimizer
+from sr1step.distill.student import ResShiftStudentMethod
 from sr1step.distill.trainer import Batch, TrainContext, ema_update
 from sr1step.models import ResShiftUNet
 
@@ -119,17 +119,15 @@ class RSDMethod(ResShiftStudentMethod):
     def setup(self, ctx: TrainContext) -> None:
         cfg = ctx.config.rsd
         self.cfg = cfg
-        train = ctx.config.train
         teacher = ctx.teacher
         self.student = StudentModel(with_noise_channels(teacher, cfg.noise_channels)).requires_grad_(True)
         self.fake = FakeModel(copy.deepcopy(teacher), cfg.head_channels).requires_grad_(True)
         self.ema = copy.deepcopy(self.student.unet).requires_grad_(False).eval()
         self.student_ddp = ctx.wrap(self.student)
         self.fake_ddp = ctx.wrap(self.fake)
-        self.opt_student, self.sched_student = student_optimizer(ctx, self.student.parameters())
-        self.opt_fake = torch.optim.AdamW(
-            self.fake.parameters(), lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay
-        )
+        self.opt_student = ctx.optimizer(self.student.parameters())
+        self.sched_student = ctx.warmup_schedule(self.opt_student)
+        self.opt_fake = ctx.optimizer(self.fake.parameters())
         self.fake_history: list[float] = []  # the fake's x0-regression loss after each of its updates
         if cfg.lpips_weight:
             ctx.lpips  # noqa: B018 - load (or fail on missing weights) before the first step, not mid-run

@@ -1,31 +1,15 @@
-"""What the ResShift-family methods (RSD, TAD-SR) share: the student's optimizer and warm-up, its EMA export as a
-self-describing checkpoint, validation through the one pipeline, and the state plumbing for exact resumes."""
+"""What the ResShift-family methods (RSD, TAD-SR) share: the student's EMA export as a self-describing checkpoint,
+validation through the one pipeline, and the state plumbing for exact resumes."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from sr1step.checkpoints import InferenceSpec, export_safetensors
 from sr1step.distill.trainer import TrainContext, unwrap
-
-
-def student_optimizer(
-    ctx: TrainContext, params: Any, lr: float | None = None
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW with the train section's settings and its linear warm-up (constant LR when warm-up is 0)."""
-    train = ctx.config.train
-    optimizer = torch.optim.AdamW(
-        params, lr=train.lr if lr is None else lr, betas=tuple(train.betas), weight_decay=train.weight_decay
-    )
-    warmup = train.warmup
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
-    )
-    return optimizer, schedule
 
 
 class ResShiftStudentMethod:

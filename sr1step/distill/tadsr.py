@@ -29,7 +29,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from sr1step import diffusion as D
 from sr1step.distill.losses import hinge_d_loss, hinge_g_loss, hsd_surrogate, x0_regression
-from sr1step.distill.student import ResShiftStudentMethod, student_optimizer
+from sr1step.distill.student import ResShiftStudentMethod
 from sr1step.distill.trainer import Batch, TrainContext, ema_update
 from sr1step.errors import ConfigError
 from sr1step.models.resshift_unet import ResShiftUNet, timestep_embedding
@@ -120,7 +120,7 @@ class TADSRMethod(ResShiftStudentMethod):
     name = "tad-sr"
 
     def setup(self, ctx: TrainContext) -> None:
-        cfg, train = ctx.config.tadsr, ctx.config.train
+        cfg = ctx.config.tadsr
         self.cfg = cfg
         teacher = ctx.teacher
         self.student = copy.deepcopy(teacher).requires_grad_(True)
@@ -131,10 +131,9 @@ class TADSRMethod(ResShiftStudentMethod):
         ).to(ctx.device)
         self.student_ddp = ctx.wrap(self.student)
         self.disc_ddp = ctx.wrap(self.disc)
-        self.opt_student, self.sched_student = student_optimizer(ctx, self.student.parameters())
-        self.opt_disc = torch.optim.AdamW(
-            self.disc.parameters(), lr=cfg.disc_lr, betas=tuple(train.betas), weight_decay=train.weight_decay
-        )
+        self.opt_student = ctx.optimizer(self.student.parameters())
+        self.sched_student = ctx.warmup_schedule(self.opt_student)
+        self.opt_disc = ctx.optimizer(self.disc.parameters(), lr=cfg.disc_lr)
 
     # ------------------------------------------------------------------------------------- pieces
 

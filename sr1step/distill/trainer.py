@@ -284,6 +284,24 @@ class TrainContext:
         z = straight_through_quantize(vq.quantize, z.to(self.vq_dtype))
         return vq.decode(z, quantize=False).float()
 
+    # ---- optimizers
+    def optimizer(self, params: Any, lr: float | None = None) -> torch.optim.Optimizer:
+        """AdamW with the train section's betas and weight decay (``lr`` defaults to ``train.lr``)."""
+        train = self.config.train
+        return torch.optim.AdamW(
+            params,
+            lr=train.lr if lr is None else lr,
+            betas=tuple(train.betas),
+            weight_decay=train.weight_decay,
+        )
+
+    def warmup_schedule(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        """The train section's linear learning-rate warm-up (constant when ``train.warmup`` is 0)."""
+        warmup = self.config.train.warmup
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+        )
+
     # ---- DDP
     def wrap(self, module: nn.Module) -> nn.Module:
         module = module.to(self.device)

@@ -181,17 +181,12 @@ class YonosMethod:
         stage = self.stage if stage is None else stage
         return "decoder" if stage >= self.unet_stages else f"x{self.cfg.stages[stage]}"
 
-    def _optimizer(self, params: Any, lr: float) -> torch.optim.Optimizer:
-        train = self.ctx.config.train
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(train.betas), weight_decay=train.weight_decay)
-
     def start_stage(self, stage: int) -> None:
         """Make stage ``stage``'s networks and optimizers from the current ones (the previous stage's result).
 
         Also builds the structures a checkpoint of that stage is loaded into.
         """
         ctx, cfg, model = self.ctx, self.cfg, self.model
-        warmup = ctx.config.train.warmup
         # free the previous stage's optimizer state and DDP wrapper before the next stage's copies are made
         self.opt = self.sched = self.model_ddp = None
         gc.collect()
@@ -209,7 +204,7 @@ class YonosMethod:
             model.scale = cfg.stages[stage]
             self.ema_unet = copy.deepcopy(student).eval().requires_grad_(False)
             self.model_ddp = ctx.wrap(model)
-            self.opt = self._optimizer(student.parameters(), ctx.config.train.lr)
+            self.opt = ctx.optimizer(student.parameters())
         else:
             # the UNet is frozen from here on: the decoder learns the latents the exported UNet produces
             self.teacher = None
@@ -222,17 +217,15 @@ class YonosMethod:
             self.ema_vae = copy.deepcopy(model.vae).eval().requires_grad_(False)
             self.decoder = decoder
             self.decoder_ddp = ctx.wrap(decoder)
-            self.opt = self._optimizer(decoder.parameters(), cfg.decoder_lr)
+            self.opt = ctx.optimizer(decoder.parameters(), lr=cfg.decoder_lr)
             if cfg.decoder_gan_weight:
                 # the same initial weights on every rank and in a resumed run
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(derive_seed(ctx.config.train.seed, DISCRIMINATOR_SEED_TAG))
                     self.disc = PatchDiscriminator(cfg.decoder_gan_channels, cfg.decoder_gan_layers)
                 self.disc_ddp = ctx.wrap(self.disc)
-                self.opt_disc = self._optimizer(self.disc.parameters(), cfg.decoder_lr)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
-        )
+                self.opt_disc = ctx.optimizer(self.disc.parameters(), lr=cfg.decoder_lr)
+        self.sched = ctx.warmup_schedule(self.opt)
         self.stage = stage
 
     # ------------------------------------------------------------------------------------- shared pieces
