@@ -237,33 +237,31 @@ def resolve_dataset(name: str, data_root: Path | None = None, *, offline: bool =
 
 
 def _download_and_unpack(hub: HubArchive, cache: Path, *, offline: bool) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.utils import LocalEntryNotFoundError
 
+    from sr1step.errors import WeightsError
     from sr1step.weights.cache import env_flag, hf_cache_dir
-    from sr1step.weights.hub import hf_endpoint, hub_error, transport_errors
+    from sr1step.weights.hub import hub_snapshot
 
     target = cache / hub.cache_folder
     offline = offline or env_flag("HF_HUB_OFFLINE")
     try:
-        snapshot = snapshot_download(
+        snapshot = hub_snapshot(
             hub.repo_id,
-            repo_type="dataset",
+            f"dataset archive {hub.repo_id}/{hub.filename}",
             allow_patterns=[hub.filename],
-            cache_dir=hf_cache_dir(),
-            endpoint=hf_endpoint(),
-            local_files_only=offline,
+            repo_type="dataset",
+            offline=offline,
         )
-    except LocalEntryNotFoundError as exc:
-        if not offline:
-            raise hub_error(exc, f"dataset archive {hub.repo_id}/{hub.filename}") from exc
-        raise DatasetError(
-            f"dataset archive {hub.filename} of {hub.repo_id} is not in the Hugging Face cache {hf_cache_dir()} "
-            f"and --offline forbids downloading it ({hub.size}); or unpack it yourself into {target}"
-        ) from exc
-    except (HfHubHTTPError, OSError, ValueError, *transport_errors()) as exc:
-        raise hub_error(exc, f"dataset archive {hub.repo_id}/{hub.filename}") from exc
-    archive = Path(snapshot) / hub.filename
+    except WeightsError as exc:
+        if offline and isinstance(exc.__cause__, LocalEntryNotFoundError):
+            raise DatasetError(
+                f"dataset archive {hub.filename} of {hub.repo_id} is not in the Hugging Face cache "
+                f"{hf_cache_dir()} and --offline forbids downloading it ({hub.size}); or unpack it yourself "
+                f"into {target}"
+            ) from exc.__cause__
+        raise
+    archive = snapshot / hub.filename
     if not archive.is_file():
         raise DatasetError(f"the Hub dataset {hub.repo_id} has no file {hub.filename}")
     unpack_zip(archive, target)

@@ -485,14 +485,21 @@ def locate_base(spec: str, *, offline: bool, progress: bool) -> tuple[Path, dict
     """A local diffusers folder for ``spec`` (downloading the needed files of an ``hf://`` repo into the HF cache)."""
     provenance = {"base": spec}
     if spec.startswith("hf://"):
-        from sr1step.weights.hub import parse_hf_spec
+        from sr1step.weights.hub import hub_snapshot, parse_hf_spec
 
         hub = parse_hf_spec(spec)
         if hub.filename is not None:
             raise ConfigError(
                 f"{spec}: the base is a diffusers repository (hf://owner/repo[@rev]), not a file"
             )
-        folder = _snapshot(hub.repo, hub.revision, spec, offline=offline, progress=progress)
+        folder = hub_snapshot(
+            hub.repo,
+            spec,
+            allow_patterns=list(BASE_PATTERNS),
+            revision=hub.revision,
+            offline=offline,
+            progress=progress,
+        )
         provenance["base_commit"] = folder.name
     else:
         folder = Path(spec).expanduser()
@@ -507,31 +514,6 @@ def locate_base(spec: str, *, offline: bool, progress: bool) -> tuple[Path, dict
             f"(missing {missing[0]})"
         )
     return folder, provenance
-
-
-def _snapshot(repo: str, revision: str | None, spec: str, *, offline: bool, progress: bool) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import HfHubHTTPError
-
-    from sr1step.weights.cache import HF_CACHE_HINT, ensure_writable, hf_cache_dir
-    from sr1step.weights.hub import hf_endpoint, hub_error, hub_progress_bars, transport_errors
-
-    cache = hf_cache_dir()
-    if not offline:
-        ensure_writable(cache, HF_CACHE_HINT)
-    try:
-        with hub_progress_bars(progress):
-            path = snapshot_download(
-                repo,
-                revision=revision,
-                allow_patterns=list(BASE_PATTERNS),
-                cache_dir=cache,
-                endpoint=hf_endpoint(),
-                local_files_only=offline,
-            )
-    except (HfHubHTTPError, OSError, ValueError, *transport_errors()) as exc:
-        raise hub_error(exc, spec) from exc
-    return Path(path)
 
 
 # --------------------------------------------------------------------------------------------- checkpoints

@@ -142,6 +142,41 @@ def hub_download(
     return Path(path)
 
 
+def hub_snapshot(
+    repo: str,
+    what: str,
+    *,
+    allow_patterns: list[str],
+    revision: str | None = None,
+    repo_type: str = "model",
+    offline: bool = False,
+    progress: bool = True,
+) -> Path:
+    """The files of a repo matching ``allow_patterns``, downloaded into the HF cache (or found there with
+    ``offline``); its snapshot folder. Failures are one ``WeightsError`` line about ``what`` (``__cause__`` keeps
+    huggingface_hub's exception)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HfHubHTTPError
+
+    cache = hf_cache_dir()
+    if not offline:
+        ensure_writable(cache, HF_CACHE_HINT)
+    try:
+        with hub_progress_bars(progress):
+            path = snapshot_download(
+                repo,
+                repo_type=repo_type,
+                revision=revision,
+                allow_patterns=allow_patterns,
+                cache_dir=cache,
+                endpoint=hf_endpoint(),
+                local_files_only=offline,
+            )
+    except (HfHubHTTPError, OSError, ValueError, *transport_errors()) as exc:
+        raise hub_error(exc, what) from exc
+    return Path(path)
+
+
 def hub_cached(repo: str, filename: str, revision: str | None) -> Path | None:
     """The cached copy of a Hub file at a branch, tag or commit, found without any network request."""
     from huggingface_hub import try_to_load_from_cache
