@@ -16,6 +16,7 @@ samples do not depend on the worker count, worker order or where a run was resum
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -215,11 +216,12 @@ class PairedFolderDataset(Dataset):
         self.scale, self.crop_size, self.flip, self.seed = scale, crop_size, flip, seed
         self.epoch = 0
         pairs = pair_by_name(self.lq_dir, self.gt_dir, "LQ", "GT")
-        check_sizes(pairs, "LQ", "GT", scale=scale, size_of=upright_size)
+        size_of = functools.cache(upright_size)  # each header is read once (size check, then crop check)
+        check_sizes(pairs, "LQ", "GT", scale=scale, size_of=size_of)
         self.pairs = [(pair.left, pair.right) for pair in pairs]
         if crop_size is not None:
             for _, gt_path in self.pairs:
-                gt_w, gt_h = upright_size(gt_path)
+                gt_w, gt_h = size_of(gt_path)
                 if min(gt_w, gt_h) < crop_size:
                     raise DatasetError(
                         f"GT {gt_path} is {gt_w}×{gt_h}, smaller than the crop size {crop_size}"

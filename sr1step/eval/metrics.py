@@ -10,7 +10,6 @@ papers' options. Every metric takes 8-bit RGB arrays, i.e. images as they were s
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -196,11 +195,10 @@ class WeightFile:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from sr1step.weights.cache import hash_file
+    from sr1step.weights.progress import TransferProgress
+
+    return hash_file(path, TransferProgress(enabled=False))[0]
 
 
 # timm loads model.safetensors when the repo has it, else pytorch_model.bin.

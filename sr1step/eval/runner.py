@@ -196,12 +196,7 @@ class Evaluator:
     ) -> EvalResult:
         """Score existing SR images (paired by name with ``hr_dir`` when given)."""
         self._check_reference(hr_dir)
-        if hr_dir is not None:
-            pairs = pair_by_name(sr_dir, hr_dir, "SR", "HR")
-            check_sizes(pairs, "SR", "HR")
-            items = [_Item(p.name, p.left, p.right) for p in pairs]
-        else:
-            items = [_Item(stem, path, None) for stem, path in sorted(index_by_stem(sr_dir, "SR").items())]
+        items = [_Item(*item) for item in _named_images(sr_dir, hr_dir, "SR")]
         return self._score(dataset, model, items, {"sr_dir": sr_dir, "hr_dir": hr_dir}, None)
 
     def evaluate_model(
@@ -216,12 +211,7 @@ class Evaluator:
     ) -> EvalResult:
         """Upscale every LR image with the model into ``<out>/<dataset>/<model>/sr/`` (missing ones only), then score."""
         self._check_reference(hr_dir)
-        if hr_dir is not None:
-            pairs = pair_by_name(lr_dir, hr_dir, "LR", "HR")
-            check_sizes(pairs, "LR", "HR", scale=options.scale)
-            lr_items = [(p.name, p.left, p.right) for p in pairs]
-        else:
-            lr_items = [(stem, path, None) for stem, path in sorted(index_by_stem(lr_dir, "LR").items())]
+        lr_items = _named_images(lr_dir, hr_dir, "LR", scale=options.scale)
 
         label = model_label(model_spec)
         run_dir = self.out_root / dataset / label
@@ -376,6 +366,18 @@ class Evaluator:
         atomic_write_text(out_dir / "per_image.csv", _csv_text(rows, list(image_metrics)))
         atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
         return EvalResult(dataset, model, out_dir, len(items), scores, summary)
+
+
+def _named_images(
+    folder: Path, hr_dir: Path | None, role: str, scale: int = 1
+) -> list[tuple[str, Path, Path | None]]:
+    """(name, image, HR partner) for each image of ``folder``: paired by name with ``hr_dir`` and size-checked
+    (HR = ``scale`` × the image), or with no partner when there is no ground truth."""
+    if hr_dir is None:
+        return [(stem, path, None) for stem, path in sorted(index_by_stem(folder, role).items())]
+    pairs = pair_by_name(folder, hr_dir, role, "HR")
+    check_sizes(pairs, role, "HR", scale=scale)
+    return [(pair.name, pair.left, pair.right) for pair in pairs]
 
 
 def _version_warnings(metric_names: Sequence[str], pyiqa_version: str | None) -> list[str]:
