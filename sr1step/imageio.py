@@ -38,7 +38,9 @@ __all__ = [
     "INPUT_EXTENSIONS",
     "MAX_INPUT_PIXELS",
     "OUTPUT_FORMATS",
+    "PILLOW_FORMATS",
     "DecodedImage",
+    "is_image_name",
     "normalize_format",
     "read_image",
     "upscale_alpha",
@@ -50,6 +52,12 @@ __all__ = [
 INPUT_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 OUTPUT_FORMATS: tuple[str, ...] = ("png", "jpg", "webp", "tiff")
 
+
+def is_image_name(name: str) -> bool:
+    """Whether folders and globs pick up a file of this name: an image extension, not hidden."""
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in INPUT_EXTENSIONS
+
+
 # Largest accepted input: Pillow's own hard decompression-bomb limit (2 x its 89.5 MP warning threshold),
 # about 13,377 x 13,377 px, e.g. a 16,000 x 11,000 panorama. Using exactly Pillow's limit means sr1step never
 # has to change Pillow's process-wide setting; larger files are refused with an ImageReadError.
@@ -58,7 +66,7 @@ MAX_INPUT_PIXELS = 178_956_970
 # Only these Pillow plugins are tried. This keeps e.g. EPS (which runs Ghostscript) away from untrusted files
 # and gives one clear "not a supported image" error for everything else. The JPEG opener also yields the
 # multi-picture JPEGs many cameras and phones write (format name "MPO").
-_PILLOW_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF")
+PILLOW_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF")
 
 FORMAT_ALIASES = {"png": "png", "jpg": "jpg", "jpeg": "jpg", "webp": "webp", "tif": "tiff", "tiff": "tiff"}
 CANONICAL_EXTENSION = {"png": ".png", "jpg": ".jpg", "webp": ".webp", "tiff": ".tiff"}
@@ -132,7 +140,7 @@ def read_image(path: str | os.PathLike[str]) -> DecodedImage:
     except Image.DecompressionBombError as exc:
         raise ImageReadError(f"{source}: refused as a possible decompression bomb ({exc})") from exc
     except UnidentifiedImageError as exc:
-        supported = ", ".join(_PILLOW_FORMATS)
+        supported = ", ".join(PILLOW_FORMATS)
         raise ImageReadError(f"{source}: not an image in a supported format ({supported})") from exc
     except MemoryError as exc:
         raise ImageReadError(f"{source}: not enough memory to decode this image") from exc
@@ -162,7 +170,7 @@ def _open(source: Path) -> Image.Image:
     # Pillow warns between its soft and hard limits; sr1step's limit is the hard one (see MAX_INPUT_PIXELS).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        image = Image.open(source, formats=_PILLOW_FORMATS)
+        image = Image.open(source, formats=PILLOW_FORMATS)
     width, height = image.size
     if width * height > MAX_INPUT_PIXELS:
         image.close()
@@ -372,7 +380,7 @@ def _decode_with_rawmode(source: Path, rawmode: str) -> tuple[np.ndarray, int]:
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(source, formats=_PILLOW_FORMATS) as image:
+        with Image.open(source, formats=PILLOW_FORMATS) as image:
             retiled = []
             for tile in image.tile:
                 args = rawmode if isinstance(tile.args, str) else (rawmode, *tile.args[1:])

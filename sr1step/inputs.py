@@ -15,7 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sr1step.errors import ConfigError, ImageReadError
-from sr1step.imageio import CANONICAL_EXTENSION, FORMAT_ALIASES, INPUT_EXTENSIONS, normalize_format
+from sr1step.imageio import (
+    CANONICAL_EXTENSION,
+    FORMAT_ALIASES,
+    INPUT_EXTENSIONS,
+    is_image_name,
+    normalize_format,
+)
 
 __all__ = ["InputFile", "OutputPlan", "collect_inputs", "plan_outputs"]
 
@@ -82,10 +88,6 @@ def _expand_input(text: str, recursive: bool) -> list[InputFile]:
     raise ImageReadError(f"{text}: no such file or folder")
 
 
-def _is_image_name(name: str) -> bool:
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in INPUT_EXTENSIONS
-
-
 def _scan_folder(folder: Path, recursive: bool) -> list[InputFile]:
     found: list[InputFile] = []
     has_sub_folders = False
@@ -94,7 +96,7 @@ def _scan_folder(folder: Path, recursive: bool) -> list[InputFile]:
         sub_folders[:] = sorted(name for name in sub_folders if not name.startswith(".")) if recursive else []
         for name in names:
             file_path = Path(current) / name
-            if _is_image_name(name) and file_path.is_file():
+            if is_image_name(name) and file_path.is_file():
                 found.append(InputFile(path=file_path, rel=file_path.relative_to(folder), explicit=False))
     if not found:
         hint = " (use --recursive to include sub-folders)" if has_sub_folders and not recursive else ""
@@ -113,7 +115,7 @@ def _expand_glob(pattern: str, recursive: bool) -> list[InputFile]:
     found = [
         InputFile(path=Path(match), rel=Path(match).relative_to(root), explicit=False)
         for match in glob.glob(pattern, recursive=recursive)
-        if _is_image_name(os.path.basename(match)) and os.path.isfile(match)
+        if is_image_name(os.path.basename(match)) and os.path.isfile(match)
     ]
     if not found:
         raise ImageReadError(f"{pattern}: pattern matches no image files")

@@ -10,10 +10,8 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from sr1step.errors import DatasetError, ImageReadError
-from sr1step.imageio import INPUT_EXTENSIONS
+from sr1step.imageio import PILLOW_FORMATS, is_image_name
 
-# Only these decoders are tried (no EPS/Ghostscript on files from a data set); the content decides, not the name.
-PILLOW_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF")
 _EXIF_ORIENTATION = 0x0112
 
 SizeReader = Callable[[Path], tuple[int, int]]
@@ -21,11 +19,7 @@ SizeReader = Callable[[Path], tuple[int, int]]
 
 def image_files(folder: Path) -> list[Path]:
     """The image files directly in ``folder`` (by extension; hidden files skipped), sorted by name."""
-    return sorted(
-        entry
-        for entry in folder.iterdir()
-        if entry.suffix.lower() in INPUT_EXTENSIONS and not entry.name.startswith(".") and entry.is_file()
-    )
+    return sorted(entry for entry in folder.iterdir() if is_image_name(entry.name) and entry.is_file())
 
 
 def stored_size(path: Path) -> tuple[int, int]:

@@ -32,8 +32,8 @@ from PIL import Image, UnidentifiedImageError
 from sr1step.errors import ConfigError, DatasetError, ImageReadError, Sr1stepError
 from sr1step.eval.metrics import METRICS, ImageMetric, SetMetric, create_metrics, resolve_device
 from sr1step.fsio import atomic_path, atomic_write_text
+from sr1step.imageio import PILLOW_FORMATS
 from sr1step.pairing import (
-    PILLOW_FORMATS,
     Pair,
     check_size,
     check_sizes,
