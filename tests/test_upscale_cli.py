@@ -24,19 +24,14 @@ def _png(path, size=(24, 20), mode="RGB", seed=0):
 
 
 @pytest.fixture
-def model_args(tiny_model_files):
-    return [
-        "--model",
-        str(tiny_model_files["unet"]),
-        "--vae",
-        str(tiny_model_files["vae"]),
-        "--tile",
-        "32",
-        "--overlap",
-        "8",
-        "--seed",
-        "1",
-    ]
+def pipeline_args(tiny_model_files):
+    """Everything but the model: the tiny VAE, small tiles, a fixed seed."""
+    return ["--vae", str(tiny_model_files["vae"]), "--tile", "32", "--overlap", "8", "--seed", "1"]
+
+
+@pytest.fixture
+def model_args(tiny_model_files, pipeline_args):
+    return ["--model", str(tiny_model_files["unet"]), *pipeline_args]
 
 
 def _records(capsys) -> list[dict]:
@@ -152,7 +147,7 @@ def test_exit_codes_for_bad_options(tmp_path, model_args, capsys):
 
 
 def test_default_model_comes_from_the_registry_through_the_hub(
-    tmp_path, fake_hub, monkeypatch, tiny_model_files
+    tmp_path, fake_hub, monkeypatch, tiny_model_files, pipeline_args
 ):
     """`upscale -x 4` with no --model fetches the registry's default (rsd-x4) from the Hub, then works offline."""
     from huggingface_hub import constants
@@ -175,21 +170,7 @@ def test_default_model_comes_from_the_registry_through_the_hub(
         "sorryhyun/Distilled-ResShift-4x", {"rsd_student_final.safetensors": student.read_bytes()}
     )
     src = _png(tmp_path / "a.png")
-    args = [
-        "upscale",
-        str(src),
-        "-x",
-        "4",
-        "--vae",
-        str(tiny_model_files["vae"]),
-        "--tile",
-        "32",
-        "--overlap",
-        "8",
-        "--seed",
-        "3",
-        "-q",
-    ]
+    args = ["upscale", str(src), "-x", "4", *pipeline_args, "-q"]
     assert run([*args, "-o", str(tmp_path / "o1")]) == 0
     assert Image.open(tmp_path / "o1" / "a_x4.png").size == (96, 80)
     downloads = len(fake_hub.requests_matching("rsd_student_final"))
