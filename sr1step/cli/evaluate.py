@@ -12,7 +12,7 @@ from sr1step.cli._output import Output
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from sr1step.eval.runner import EvalResult
+    from sr1step.eval.runner import EvalResult, UpscaleOptions
 
 
 def results_table(results: list[EvalResult], metric_names: list[str], title: str) -> Table:
@@ -80,12 +80,12 @@ def _run(
     data_root: Path | None,
     name: str | None,
     offline: bool,
-    upscale: dict,
+    upscale: UpscaleOptions,
     out: Output,
 ) -> None:
     from sr1step.eval.datasets import get_dataset, resolve_dataset
     from sr1step.eval.metrics import parse_metric_names
-    from sr1step.eval.runner import Evaluator, UpscaleOptions, model_label
+    from sr1step.eval.runner import Evaluator, model_label
     from sr1step.pairing import image_files
 
     if models and sr_dirs:
@@ -124,17 +124,16 @@ def _run(
     evaluator = Evaluator(
         metric_names,
         out_root=out_root,
-        device=upscale["device"],
+        device=upscale.device,
         offline=offline,
         console=out.stderr if out.show_progress else None,
     )
     results = []
     if models:
-        options = UpscaleOptions(offline=offline, **upscale)
         for model in models:
             results.append(
                 evaluator.evaluate_model(
-                    dataset=label, model_spec=model, lr_dir=lr_dir, hr_dir=hr_dir, options=options
+                    dataset=label, model_spec=model, lr_dir=lr_dir, hr_dir=hr_dir, options=upscale
                 )
             )
     else:
@@ -224,6 +223,8 @@ def register(app: typer.Typer) -> None:
         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Errors only.")] = False,
     ) -> None:
         """Score super-resolution: upscale a test set with models (cached, resumable) or score existing images."""
+        from sr1step.eval.runner import UpscaleOptions
+
         out = Output(quiet=quiet, json_mode=json_mode)
         if list_datasets:
             from dataclasses import asdict
@@ -245,14 +246,15 @@ def register(app: typer.Typer) -> None:
             data_root=data_root,
             name=name,
             offline=offline,
-            upscale={
-                "scale": scale,
-                "vae": vae,
-                "device": device,
-                "dtype": dtype,
-                "tile": tile,
-                "overlap": overlap,
-                "seed": seed,
-            },  # fmt: skip
+            upscale=UpscaleOptions(
+                scale=scale,
+                vae=vae,
+                device=device,
+                dtype=dtype,
+                tile=tile,
+                overlap=overlap,
+                seed=seed,
+                offline=offline,
+            ),
             out=out,
         )
