@@ -549,6 +549,19 @@ register_builder(ARCH, _build)
 # --------------------------------------------------------------------------------------------- inference
 
 
+def _lr_multiple(model: YonosSR, scale: int) -> int:
+    """LR px per tile step: HR = LR·s must give whole latents that are multiples of the UNet's multiple."""
+    return model.pixel_multiple // math.gcd(model.pixel_multiple, scale)
+
+
+def default_tiles(model: YonosSR, scale: int) -> TileSettings:
+    """The model's latent tile in LR px (64 latents = 512 HR px for SD), a quarter of it as overlap."""
+    multiple = _lr_multiple(model, scale)
+    exact = model.latent_tile * model.vae_factor // scale
+    tile = max(multiple, exact // multiple * multiple)
+    return TileSettings(tile=tile, overlap=tile // 4)
+
+
 @dataclass(frozen=True)
 class YonosInference:
     """What ``upscale`` reports about how the model runs (the ResShift ``InferenceSpec`` does not apply)."""
@@ -584,11 +597,10 @@ class YonosUpscaler(TiledUpscaler):
         self.seed = seed
         self.warn = warn or (lambda message: None)
         factor = model.vae_factor
-        # LR px per tile step: HR = LR·s must give whole latents that are multiples of the UNet's multiple.
-        self.lr_multiple = model.pixel_multiple // math.gcd(model.pixel_multiple, self.scale)
+        self.lr_multiple = _lr_multiple(model, self.scale)
         # tile starts on multiples of f/gcd(f, s) LR px fall on whole latent positions
         self.noise_align = factor // math.gcd(factor, self.scale)
-        self.tiles = tiles if tiles is not None else self.default_tiles()
+        self.tiles = tiles if tiles is not None else default_tiles(model, self.scale)
         model.to(device)
         # The SD VAE overflows in fp16 (diffusers' force_upcast): it then stays in fp32; bf16 is fine.
         upcast = dtype == torch.float16 and bool(model.vae.config.get("force_upcast", False))
@@ -608,15 +620,6 @@ class YonosUpscaler(TiledUpscaler):
             seed=seed,
             steps=1,
             family="yonos-sr",
-        )
-
-    def default_tiles(self, base: TileSettings | None = None) -> TileSettings:
-        """The model's latent tile in LR px, a quarter of it as overlap (other settings from ``base``)."""
-        exact = self.model.latent_tile * self.model.vae_factor // self.scale
-        tile = max(self.lr_multiple, exact // self.lr_multiple * self.lr_multiple)
-        base = base or TileSettings()
-        return TileSettings(
-            tile=tile, overlap=tile // 4, tile_batch=base.tile_batch, blend=base.blend, noise=base.noise
         )
 
     @classmethod
@@ -651,27 +654,25 @@ class YonosUpscaler(TiledUpscaler):
             "sha256": resolved.sha256,
             "base": model.provenance.get("base"),
         }
-        upscaler = cls(
-            model,
-            scale=scale,
-            device=device,
-            dtype=resolve_dtype(dtype, device),
-            tiles=TileSettings(tile_batch=tile_batch, blend=blend, noise=noise),
-            seed=seed,
-            info=info,
-            warn=warn,
-        )
         # tile/overlap not given: the model's own latent tile (64×64 latents)
-        defaults = upscaler.default_tiles(upscaler.tiles)
-        upscaler.tiles = TileSettings(
+        defaults = default_tiles(model, scale)
+        tiles = TileSettings(
             tile=defaults.tile if tile is None else tile,
             overlap=defaults.overlap if overlap is None else overlap,
             tile_batch=tile_batch,
             blend=blend,
             noise=noise,
         )
-        upscaler.info.update(tile=upscaler.tiles.tile, overlap=upscaler.tiles.overlap)
-        return upscaler
+        return cls(
+            model,
+            scale=scale,
+            device=device,
+            dtype=resolve_dtype(dtype, device),
+            tiles=tiles,
+            seed=seed,
+            info=info,
+            warn=warn,
+        )
 
     @torch.no_grad()
     def _forward_tiles(self, lr_tiles: Tensor, tiles: list[Tile], noise: Any) -> Tensor:
