@@ -164,12 +164,14 @@ class YonosConfig:
                 )
         if self.stage_iterations < 1 or self.decoder_iterations < 0:
             raise ConfigError("yonos.stage_iterations must be >= 1 and yonos.decoder_iterations >= 0")
-        one_of("prediction", ("epsilon", "v_prediction", "sample"))
-        one_of("schedule", ("base", "zero_snr"))
+        from sr1step.models.yonos import LR_UPSAMPLING, ONE_STEP_STARTS, PREDICTIONS, SCHEDULES
+
+        one_of("prediction", PREDICTIONS)
+        one_of("schedule", SCHEDULES)
         one_of("loss_weighting", ("snr_trunc", "min_snr", "uniform"))
         one_of("timesteps", ("uniform", "terminal"))
-        one_of("lr_upsample", ("bicubic", "bilinear"))
-        one_of("one_step_start", ("noise", "lr"))
+        one_of("lr_upsample", LR_UPSAMPLING)
+        one_of("one_step_start", ONE_STEP_STARTS)
         one_of("next_stage_from", ("ema", "online"))
         one_of("precision", ("auto", "fp32", "bf16"))
         if self.schedule == "zero_snr" and self.prediction == "epsilon":
